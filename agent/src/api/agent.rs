@@ -1,0 +1,122 @@
+//! `berth.v1.Agent`: start orders, pulls and container queries.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument, Instrument as _};
+
+use super::convert;
+use super::pb;
+use crate::order::{parse_dns_label, parse_project, ImageRef, Order};
+use crate::run::{ContainerKey, Runner};
+
+#[derive(Debug)]
+pub(crate) struct AgentService {
+    runner: Runner,
+    tasks: TaskTracker,
+}
+
+impl AgentService {
+    pub(crate) fn new(runner: Runner, tasks: TaskTracker) -> Self {
+        Self { runner, tasks }
+    }
+}
+
+type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    #[instrument(name = "order", skip_all, fields(order_id = %request.get_ref().order_id))]
+    async fn start_container(&self, request: Request<pb::StartContainerRequest>) -> Result<Response<pb::Container>, Status> {
+        let order = Order::parse(convert::raw_order(request.into_inner())?)?;
+        info!(project = %order.project, name = %order.name, image = %order.image, "start order received");
+        // The order runs to completion even if the caller goes away, so nothing is half-done.
+        let runner = self.runner.clone();
+        let work = self.tasks.spawn(async move { runner.start(order).await }.in_current_span());
+        let view = work.await.map_err(|_| Status::internal("order task failed"))??;
+        Ok(Response::new(convert::container(view)))
+    }
+
+    type PullImageStream = PullStream;
+
+    #[instrument(skip_all, fields(image = %request.get_ref().image))]
+    async fn pull_image(&self, request: Request<pb::PullImageRequest>) -> Result<Response<PullStream>, Status> {
+        let request = request.into_inner();
+        let project = parse_project(&request.project)?;
+        let image = ImageRef::parse(&request.image)?;
+        let pull_secret = (!request.pull_secret.is_empty()).then_some(request.pull_secret);
+        let (events, receiver) = mpsc::channel(64);
+        let (progress, mut progress_rx) = mpsc::channel(64);
+        let runner = self.runner.clone();
+        self.tasks.spawn(
+            async move {
+                let forward_events = events.clone();
+                let forward = async move {
+                    while let Some(event) = progress_rx.recv().await {
+                        forward_events.send(Ok(convert::pull_event(event))).await.ok();
+                    }
+                };
+                let pull = runner.pull(&project, &image, pull_secret.as_deref(), progress);
+                let (result, ()) = tokio::join!(pull, forward);
+                if let Err(err) = result {
+                    events.send(Err(Status::from(err))).await.ok();
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn get_container(&self, request: Request<pb::GetContainerRequest>) -> Result<Response<pb::Container>, Status> {
+        let request = request.into_inner();
+        let key = if !request.id.is_empty() {
+            ContainerKey::Id(request.id)
+        } else {
+            ContainerKey::Name {
+                project: parse_project(&request.project)?,
+                name: parse_dns_label(&request.name, "name")?,
+            }
+        };
+        let view = self.runner.get(&key).await?;
+        Ok(Response::new(convert::container(view)))
+    }
+
+    async fn list_containers(&self, request: Request<pb::ListContainersRequest>) -> Result<Response<pb::ListContainersResponse>, Status> {
+        let request = request.into_inner();
+        let project = if request.project.is_empty() {
+            None
+        } else {
+            Some(parse_project(&request.project)?)
+        };
+        let views = self.runner.list(project.as_deref()).await?;
+        Ok(Response::new(pb::ListContainersResponse {
+            containers: views.into_iter().map(convert::container).collect(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn stop_container(&self, request: Request<pb::StopContainerRequest>) -> Result<Response<pb::Container>, Status> {
+        let request = request.into_inner();
+        if request.id.is_empty() {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        let timeout = (request.timeout_seconds > 0).then(|| Duration::from_secs(u64::from(request.timeout_seconds)));
+        let view = self.runner.stop(&request.id, timeout).await?;
+        Ok(Response::new(convert::container(view)))
+    }
+
+    #[instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn remove_container(&self, request: Request<pb::RemoveContainerRequest>) -> Result<Response<pb::RemoveContainerResponse>, Status> {
+        let request = request.into_inner();
+        if request.id.is_empty() {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        self.runner.remove(&request.id, request.force).await?;
+        Ok(Response::new(pb::RemoveContainerResponse {}))
+    }
+}

@@ -1,0 +1,10 @@
+//! The gRPC boundary: tonic services, proto <-> domain conversion and the one error -> Status map.
+
+mod agent;
+mod convert;
+pub mod pb;
+mod secrets;
+mod status;
+
+pub(crate) use agent::AgentService;
+pub(crate) use secrets::SecretsService;

@@ -1,0 +1,7 @@
+//! Generated code for the `berth.v1` protos (the only place for `allow`s).
+#![allow(missing_docs, clippy::all, missing_debug_implementations)]
+
+tonic::include_proto!("berth.v1");
+
+/// Encoded file descriptor set of `berth.v1`, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("berth_v1_descriptor");

@@ -1,0 +1,184 @@
+//! The one translation from domain errors to gRPC status codes. Exhaustive, no `_` arms:
+//! a new error variant must be placed here deliberately.
+
+use tonic::{Code, Status};
+use tracing::error;
+
+use crate::auth::AuthError;
+use crate::containerd::ContainerdError;
+use crate::order::OrderError;
+use crate::pull::PullError;
+use crate::run::RunError;
+use crate::secret::SecretError;
+
+impl From<RunError> for Status {
+    fn from(err: RunError) -> Self {
+        let code = run_code(&err);
+        if code == Code::Internal {
+            error!(error = %chain(&err), "internal error");
+            return Status::internal("internal error; see the berthd log");
+        }
+        Status::new(code, err.to_string())
+    }
+}
+
+impl From<SecretError> for Status {
+    fn from(err: SecretError) -> Self {
+        RunError::Secret(err).into()
+    }
+}
+
+impl From<OrderError> for Status {
+    fn from(err: OrderError) -> Self {
+        RunError::Order(err).into()
+    }
+}
+
+fn run_code(err: &RunError) -> Code {
+    match err {
+        RunError::Order(err) => order_code(err),
+        RunError::Secret(err) => secret_code(err),
+        RunError::Auth(err) => auth_code(err),
+        RunError::Pull(err) => pull_code(err),
+        RunError::Spec { .. } => Code::InvalidArgument,
+        RunError::OrderConflict { .. } | RunError::NameTaken { .. } => Code::AlreadyExists,
+        RunError::ContainerNotFound { .. } => Code::NotFound,
+        RunError::StillRunning { .. } | RunError::ImageAbsent { .. } | RunError::Start { .. } => {
+            Code::FailedPrecondition
+        }
+        RunError::Containerd { source, .. } => containerd_code(source),
+        RunError::Log { .. } => Code::Internal,
+    }
+}
+
+fn order_code(err: &OrderError) -> Code {
+    match err {
+        OrderError::Missing { .. } | OrderError::Invalid { .. } | OrderError::Reference { .. } => {
+            Code::InvalidArgument
+        }
+    }
+}
+
+fn secret_code(err: &SecretError) -> Code {
+    match err {
+        SecretError::NotFound { .. } => Code::NotFound,
+        SecretError::NameTaken { .. } => Code::AlreadyExists,
+        SecretError::Invalid { .. } => Code::InvalidArgument,
+        SecretError::Io { .. } | SecretError::Corrupt { .. } | SecretError::Key { .. } => Code::Internal,
+    }
+}
+
+fn auth_code(err: &AuthError) -> Code {
+    match err {
+        AuthError::WrongServer { .. } => Code::InvalidArgument,
+        AuthError::Unsupported { .. } => Code::FailedPrecondition,
+    }
+}
+
+fn pull_code(err: &PullError) -> Code {
+    match err {
+        PullError::Denied { .. } => Code::PermissionDenied,
+        PullError::NotFound { .. } | PullError::NoPlatform { .. } => Code::NotFound,
+        PullError::Mismatch { .. } => Code::DataLoss,
+        PullError::Unsupported { .. } | PullError::Config { .. } => Code::FailedPrecondition,
+        PullError::Unreachable { .. } => Code::Unavailable,
+        PullError::Deadline { .. } => Code::DeadlineExceeded,
+        PullError::Registry { .. } | PullError::Client { .. } => Code::Internal,
+        PullError::Containerd { source, .. } => containerd_code(source),
+    }
+}
+
+fn containerd_code(err: &ContainerdError) -> Code {
+    if err.is_unavailable() {
+        Code::Unavailable
+    } else {
+        Code::Internal
+    }
+}
+
+/// The error and its sources, for the log (sources never carry credential material).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pull::verify::Mismatch;
+
+    #[test]
+    fn contract_codes() {
+        let cases: Vec<(RunError, Code)> = vec![
+            (OrderError::Missing { field: "name" }.into(), Code::InvalidArgument),
+            (SecretError::NotFound { id: "secret-x".into() }.into(), Code::NotFound),
+            (
+                PullError::Denied {
+                    registry: "r".into(),
+                    repository: "a/b".into(),
+                    secret: Some("secret-x".into()),
+                }
+                .into(),
+                Code::PermissionDenied,
+            ),
+            (PullError::NotFound { image: "r/a:b".into() }.into(), Code::NotFound),
+            (
+                PullError::Mismatch {
+                    image: "r/a:b".into(),
+                    source: Mismatch::TooLong {
+                        digest: "sha256:x".into(),
+                        expected: 1,
+                    },
+                }
+                .into(),
+                Code::DataLoss,
+            ),
+            (
+                PullError::Unreachable {
+                    registry: "r".into(),
+                    source: "down".into(),
+                }
+                .into(),
+                Code::Unavailable,
+            ),
+            (PullError::Deadline { image: "x".into() }.into(), Code::DeadlineExceeded),
+            (RunError::NameTaken { project: "p".into(), name: "n".into() }, Code::AlreadyExists),
+            (RunError::OrderConflict { order_id: "o".into() }, Code::AlreadyExists),
+        ];
+        for (err, code) in cases {
+            let text = err.to_string();
+            let status: Status = err.into();
+            assert_eq!(status.code(), code, "{text}");
+        }
+    }
+
+    #[test]
+    fn denied_names_registry_repository_and_secret() {
+        let status: Status = RunError::from(PullError::Denied {
+            registry: "reg.example:5000".into(),
+            repository: "team/app".into(),
+            secret: Some("secret-abc".into()),
+        })
+        .into();
+        for needle in ["reg.example:5000", "team/app", "secret-abc"] {
+            assert!(status.message().contains(needle), "{}", status.message());
+        }
+    }
+
+    #[test]
+    fn internal_errors_hide_their_details() {
+        let status: Status = RunError::Log {
+            path: "/secret/path".into(),
+            source: std::io::Error::other("boom"),
+        }
+        .into();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("/secret/path"));
+    }
+}

@@ -1,0 +1,383 @@
+//! Daemon configuration: typed, parsed and validated before anything is bound.
+//!
+//! Every key has a default (contract.md); unknown keys are refused with their line.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where `berthd` looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berthd.toml";
+
+/// Errors in reading or validating the daemon config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole daemon config (`berthd.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: String,
+    pub state_dir: PathBuf,
+    pub socket_group: String,
+    pub metrics_listen: String,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_client_ca: String,
+    pub containerd: ContainerdConfig,
+    pub secrets: SecretsConfig,
+    pub registry: RegistryConfig,
+    pub access: Vec<AccessConfig>,
+    pub security: SecurityConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "unix:///run/berth/berthd.sock".to_owned(),
+            state_dir: PathBuf::from("/var/lib/berth"),
+            socket_group: String::new(),
+            metrics_listen: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_client_ca: String::new(),
+            containerd: ContainerdConfig::default(),
+            secrets: SecretsConfig::default(),
+            registry: RegistryConfig::default(),
+            access: Vec::new(),
+            security: SecurityConfig::default(),
+        }
+    }
+}
+
+/// `[containerd]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdConfig {
+    pub socket: PathBuf,
+    pub namespace: String,
+    pub snapshotter: String,
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/containerd/containerd.sock"),
+            namespace: "berth".to_owned(),
+            snapshotter: "overlayfs".to_owned(),
+        }
+    }
+}
+
+/// `[secrets]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    pub backend: SecretsBackend,
+    pub key_file: PathBuf,
+    pub openbao: OpenbaoConfig,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        Self {
+            backend: SecretsBackend::File,
+            key_file: PathBuf::from("/etc/berth/secrets.key"),
+            openbao: OpenbaoConfig::default(),
+        }
+    }
+}
+
+/// `[secrets] backend`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretsBackend {
+    File,
+    Openbao,
+}
+
+/// `[secrets.openbao]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenbaoConfig {
+    pub address: String,
+    pub mount: String,
+    pub prefix: String,
+    pub token_file: String,
+    pub role_id_file: String,
+    pub secret_id_file: String,
+    pub ca_file: String,
+}
+
+impl Default for OpenbaoConfig {
+    fn default() -> Self {
+        Self {
+            address: "https://127.0.0.1:8200".to_owned(),
+            mount: "secret".to_owned(),
+            prefix: "berth".to_owned(),
+            token_file: String::new(),
+            role_id_file: String::new(),
+            secret_id_file: String::new(),
+            ca_file: String::new(),
+        }
+    }
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    pub plain_http: Vec<String>,
+    pub ca_files: Vec<PathBuf>,
+    pub max_concurrent_downloads: usize,
+    pub connect_timeout_seconds: u64,
+    pub read_timeout_seconds: u64,
+    pub pull_deadline_seconds: u64,
+    pub retries: u32,
+    pub mirror: Vec<MirrorConfig>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            plain_http: Vec::new(),
+            ca_files: Vec::new(),
+            max_concurrent_downloads: 4,
+            connect_timeout_seconds: 10,
+            read_timeout_seconds: 30,
+            pull_deadline_seconds: 3600,
+            retries: 5,
+            mirror: Vec::new(),
+        }
+    }
+}
+
+/// `[[registry.mirror]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub upstream: String,
+    pub endpoint: String,
+    #[serde(default)]
+    pub credentials: bool,
+}
+
+/// `[[access]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    pub identity: String,
+    #[serde(default)]
+    pub projects: Vec<String>,
+}
+
+/// `[security]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    pub access_check_ttl_seconds: u64,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            access_check_ttl_seconds: 300,
+        }
+    }
+}
+
+/// Where the API listens, parsed from `listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl Config {
+    /// Reads and validates the config at `path`. A missing file at the default path means
+    /// "all defaults"; a missing file named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                let config = Self::default();
+                config.validate()?;
+                Ok(config)
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses config text (the source is injectable so tests never touch the filesystem).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string().trim_end().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The parsed `listen` address.
+    pub fn listen_addr(&self) -> Result<ListenAddr, ConfigError> {
+        if let Some(path) = self.listen.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(invalid("listen", "a unix socket path must be absolute"));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = self.listen.strip_prefix("tcp://") {
+            let addr = addr
+                .parse()
+                .map_err(|_| invalid("listen", "expected tcp://IP:PORT"))?;
+            return Ok(ListenAddr::Tcp(addr));
+        }
+        Err(invalid("listen", "expected unix:///path or tcp://IP:PORT"))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let listen = self.listen_addr()?;
+        if matches!(listen, ListenAddr::Tcp(_))
+            && (self.tls_cert.is_empty()
+                || self.tls_key.is_empty()
+                || self.tls_client_ca.is_empty())
+        {
+            return Err(invalid(
+                "listen",
+                "tcp:// requires tls_cert, tls_key and tls_client_ca (mTLS)",
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        if self.containerd.namespace.is_empty()
+            || !self
+                .containerd
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                "containerd.namespace",
+                "must be non-empty and use [A-Za-z0-9._-]",
+            ));
+        }
+        if self.containerd.snapshotter.is_empty() {
+            return Err(invalid("containerd.snapshotter", "must not be empty"));
+        }
+        if self.secrets.backend == SecretsBackend::Openbao {
+            return Err(invalid(
+                "secrets.backend",
+                "the openbao backend is not available in this build yet",
+            ));
+        }
+        if self.registry.max_concurrent_downloads == 0 {
+            return Err(invalid(
+                "registry.max_concurrent_downloads",
+                "must be at least 1",
+            ));
+        }
+        if self.registry.pull_deadline_seconds == 0 {
+            return Err(invalid(
+                "registry.pull_deadline_seconds",
+                "must be at least 1",
+            ));
+        }
+        if self.registry.retries == 0 {
+            return Err(invalid(
+                "registry.retries",
+                "counts attempts and must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &'static str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_contract_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(
+            config.listen_addr().unwrap(),
+            ListenAddr::Unix(PathBuf::from("/run/berth/berthd.sock"))
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/berth"));
+        assert_eq!(config.containerd.namespace, "berth");
+        assert_eq!(config.containerd.snapshotter, "overlayfs");
+        assert_eq!(config.secrets.backend, SecretsBackend::File);
+        assert_eq!(config.registry.max_concurrent_downloads, 4);
+        assert_eq!(config.registry.retries, 5);
+        assert_eq!(config.security.access_check_ttl_seconds, 300);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name_and_line() {
+        let err = parse("state_dir = \"/x\"\n[registry]\nplain_htp = []\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("plain_htp"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = parse("[registry]\nretries = \"five\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("retries"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn tcp_listen_requires_mtls_files() {
+        let err = parse("listen = \"tcp://127.0.0.1:7443\"\n").unwrap_err();
+        assert!(err.to_string().contains("tls_client_ca"), "{err}");
+        let ok = parse(
+            "listen = \"tcp://127.0.0.1:7443\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_client_ca = \"ca\"\n",
+        )
+        .unwrap();
+        assert!(matches!(ok.listen_addr().unwrap(), ListenAddr::Tcp(_)));
+    }
+
+    #[test]
+    fn mirrors_and_access_parse() {
+        let config = parse(
+            "[[registry.mirror]]\nupstream = \"docker.io\"\nendpoint = \"https://m:5000\"\n\n[[access]]\nidentity = \"s\"\nprojects = [\"a\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.registry.mirror.len(), 1);
+        assert!(!config.registry.mirror[0].credentials);
+        assert_eq!(config.access[0].projects, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn relative_state_dir_is_refused() {
+        assert!(parse("state_dir = \"var/lib\"\n").is_err());
+    }
+}

@@ -1,0 +1,329 @@
+//! The content store: blobs are streamed in under a lease, verified by containerd again at commit.
+
+use std::collections::HashMap;
+
+use containerd_client::services::v1::{
+    AbortRequest, Info, InfoRequest, ReadContentRequest, UpdateRequest, WriteAction,
+    WriteContentRequest, WriteContentResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+use super::{Containerd, ContainerdError, Lease};
+
+/// What opening a blob for writing found.
+#[derive(Debug)]
+pub(crate) enum OpenedBlob {
+    /// The namespace has the blob already; nothing to fetch.
+    Present,
+    /// An ingest is open; it may already hold `offset()` bytes from an earlier attempt.
+    Writer(BlobWriter),
+}
+
+/// One open ingest, driven in lock-step: one reply per request.
+#[derive(Debug)]
+pub(crate) struct BlobWriter {
+    containerd: Containerd,
+    reference: String,
+    expected: String,
+    total: i64,
+    offset: i64,
+    requests: mpsc::Sender<WriteContentRequest>,
+    replies: Streaming<WriteContentResponse>,
+}
+
+impl Containerd {
+    /// Opens (or re-opens) the ingest `reference` for the blob `digest` of `size` bytes.
+    pub(crate) async fn open_blob(
+        &self,
+        lease: &Lease,
+        reference: &str,
+        digest: &str,
+        size: u64,
+    ) -> Result<OpenedBlob, ContainerdError> {
+        let total = i64::try_from(size).map_err(|_| ContainerdError::Protocol {
+            op: "content.write",
+            reason: "blob size out of range",
+        })?;
+        let (requests, receiver) = mpsc::channel(2);
+        // The first message must be queued before the call is awaited: containerd sends no
+        // headers until it has read it.
+        let stat = WriteContentRequest {
+            action: WriteAction::Stat as i32,
+            r#ref: reference.to_owned(),
+            total,
+            expected: digest.to_owned(),
+            ..Default::default()
+        };
+        requests
+            .send(stat)
+            .await
+            .map_err(|_| closed("content.write"))?;
+        let call = self
+            .content()
+            .write(self.request(ReceiverStream::new(receiver), Some(lease)))
+            .await;
+        let mut replies = match call {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                return Ok(OpenedBlob::Present)
+            }
+            Err(status) => return Err(ContainerdError::rpc("content.write")(status)),
+        };
+        let reply = match replies.message().await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => return Err(closed("content.write")),
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                return Ok(OpenedBlob::Present)
+            }
+            Err(status) => return Err(ContainerdError::rpc("content.write")(status)),
+        };
+        Ok(OpenedBlob::Writer(BlobWriter {
+            containerd: self.clone(),
+            reference: reference.to_owned(),
+            expected: digest.to_owned(),
+            total,
+            offset: reply.offset,
+            requests,
+            replies,
+        }))
+    }
+
+    /// Writes a small blob held in memory (manifest, index, config) and commits it.
+    pub(crate) async fn write_small_blob(
+        &self,
+        lease: &Lease,
+        reference: &str,
+        digest: &str,
+        data: &[u8],
+        labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
+        match self
+            .open_blob(lease, reference, digest, data.len() as u64)
+            .await?
+        {
+            OpenedBlob::Present => self.update_content_labels(digest, labels).await,
+            OpenedBlob::Writer(mut writer) => {
+                writer.restart();
+                for chunk in data.chunks(super::content::CHUNK) {
+                    writer.write(chunk.to_vec()).await?;
+                }
+                writer.commit(labels).await
+            }
+        }
+    }
+
+    /// Reads a whole blob of at most `limit` bytes.
+    pub(crate) async fn read_blob(
+        &self,
+        digest: &str,
+        limit: u64,
+    ) -> Result<Vec<u8>, ContainerdError> {
+        let info = self
+            .content()
+            .info(self.request(
+                InfoRequest {
+                    digest: digest.to_owned(),
+                },
+                None,
+            ))
+            .await
+            .map_err(ContainerdError::rpc("content.info"))?
+            .into_inner()
+            .info
+            .ok_or_else(|| closed("content.info"))?;
+        if u64::try_from(info.size).unwrap_or(u64::MAX) > limit {
+            return Err(ContainerdError::Protocol {
+                op: "content.read",
+                reason: "blob larger than allowed",
+            });
+        }
+        let mut stream = self
+            .content()
+            .read(self.request(
+                ReadContentRequest {
+                    digest: digest.to_owned(),
+                    offset: 0,
+                    size: 0,
+                },
+                None,
+            ))
+            .await
+            .map_err(ContainerdError::rpc("content.read"))?
+            .into_inner();
+        let mut data = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0));
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(ContainerdError::rpc("content.read"))?
+        {
+            data.extend_from_slice(&chunk.data);
+            if data.len() as u64 > limit {
+                return Err(ContainerdError::Protocol {
+                    op: "content.read",
+                    reason: "blob larger than allowed",
+                });
+            }
+        }
+        Ok(data)
+    }
+
+    /// Whether the namespace's content store has `digest`.
+    pub(crate) async fn has_blob(&self, digest: &str) -> Result<bool, ContainerdError> {
+        let result = self
+            .content()
+            .info(self.request(
+                InfoRequest {
+                    digest: digest.to_owned(),
+                },
+                None,
+            ))
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+            Err(status) => Err(ContainerdError::rpc("content.info")(status)),
+        }
+    }
+
+    /// Sets (only) the given labels on a blob.
+    pub(crate) async fn update_content_labels(
+        &self,
+        digest: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
+        if labels.is_empty() {
+            return Ok(());
+        }
+        let paths = labels.keys().map(|key| format!("labels.{key}")).collect();
+        self.content()
+            .update(self.request(
+                UpdateRequest {
+                    info: Some(Info {
+                        digest: digest.to_owned(),
+                        labels,
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                },
+                None,
+            ))
+            .await
+            .map_err(ContainerdError::rpc("content.update"))?;
+        Ok(())
+    }
+
+    /// Removes a partial ingest.
+    pub(crate) async fn abort_ingest(&self, reference: &str) -> Result<(), ContainerdError> {
+        let result = self
+            .content()
+            .abort(self.request(
+                AbortRequest {
+                    r#ref: reference.to_owned(),
+                },
+                None,
+            ))
+            .await
+            .map_err(ContainerdError::rpc("content.abort"));
+        super::ignore_not_found(result)
+    }
+}
+
+/// Largest WRITE message; well under containerd's 16 MiB receive limit.
+pub(crate) const CHUNK: usize = 1 << 20;
+
+impl BlobWriter {
+    /// Bytes the ingest already holds.
+    pub(crate) fn offset(&self) -> u64 {
+        u64::try_from(self.offset).unwrap_or(0)
+    }
+
+    /// The next write starts the ingest over from byte 0.
+    pub(crate) fn restart(&mut self) {
+        self.offset = 0;
+    }
+
+    /// Appends `data` at the current offset.
+    pub(crate) async fn write(&mut self, data: Vec<u8>) -> Result<(), ContainerdError> {
+        let len = i64::try_from(data.len()).map_err(|_| closed("content.write"))?;
+        let request = WriteContentRequest {
+            action: WriteAction::Write as i32,
+            offset: self.offset,
+            data,
+            ..Default::default()
+        };
+        let reply = self.exchange(request).await?;
+        if reply.offset != self.offset + len {
+            return Err(ContainerdError::Protocol {
+                op: "content.write",
+                reason: "ingest offset did not advance by the bytes written",
+            });
+        }
+        self.offset = reply.offset;
+        Ok(())
+    }
+
+    /// Commits the ingest; containerd checks size and digest once more.
+    pub(crate) async fn commit(
+        mut self,
+        labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
+        let request = WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            total: self.total,
+            expected: self.expected.clone(),
+            offset: self.offset,
+            labels: labels.clone(),
+            ..Default::default()
+        };
+        match self.exchange(request).await {
+            Ok(_) => Ok(()),
+            Err(err) if err.is_already_exists() => {
+                self.containerd
+                    .update_content_labels(&self.expected, labels)
+                    .await
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Closes the stream and removes the ingest.
+    pub(crate) async fn abort(self) -> Result<(), ContainerdError> {
+        let BlobWriter {
+            containerd,
+            reference,
+            requests,
+            replies,
+            ..
+        } = self;
+        drop(requests);
+        drop(replies);
+        containerd.abort_ingest(&reference).await
+    }
+
+    /// Closes the stream and keeps the partial ingest for a later resume.
+    pub(crate) fn suspend(self) {}
+
+    async fn exchange(
+        &mut self,
+        request: WriteContentRequest,
+    ) -> Result<WriteContentResponse, ContainerdError> {
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| closed("content.write"))?;
+        self.replies
+            .message()
+            .await
+            .map_err(ContainerdError::rpc("content.write"))?
+            .ok_or_else(|| closed("content.write"))
+    }
+}
+
+fn closed(op: &'static str) -> ContainerdError {
+    ContainerdError::Protocol {
+        op,
+        reason: "the stream ended early",
+    }
+}

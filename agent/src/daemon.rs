@@ -1,0 +1,233 @@
+//! berthd's lifecycle: prepare the state dir and secret store, bind the API, tell systemd when
+//! it is ready (API bound and containerd answering), serve until shutdown, then drain.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use crate::api::pb::agent_server::AgentServer;
+use crate::api::pb::secrets_server::SecretsServer;
+use crate::api::{pb, AgentService, SecretsService};
+use crate::config::{Config, ConfigError, ListenAddr};
+use crate::containerd::Containerd;
+use crate::pull::{Puller, RegistrySettings};
+use crate::run::Runner;
+use crate::secret::{FileStore, SecretError, SecretStore};
+
+/// How long in-flight orders may run on after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why berthd could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("preparing {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the secret store")]
+    Secrets(#[source] SecretError),
+    #[error("setting up containerd's client")]
+    Containerd(#[source] crate::containerd::ContainerdError),
+    #[error("setting up the API server")]
+    Server(#[source] tonic::transport::Error),
+    #[error("setting up server reflection")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("socket_group {group:?} does not exist")]
+    Group { group: String },
+}
+
+impl DaemonError {
+    /// Exit status: 64 (EX_USAGE) for configuration errors, which a restart would not fix.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Config(_) | DaemonError::Group { .. } => 64,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs berthd until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+    // A crash must not write secrets to disk.
+    if let Err(err) = nix::sys::prctl::set_dumpable(false) {
+        warn!(error = %err, "could not disable core dumps");
+    }
+    // One TLS crypto provider for every connection berthd makes (registries, token realms).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let listen = config.listen_addr()?;
+    create_private_dir(&config.state_dir)?;
+    let logs_dir = config.state_dir.join("logs");
+    create_private_dir(&logs_dir)?;
+    let store = FileStore::open(&config.state_dir, &config.secrets.key_file).map_err(DaemonError::Secrets)?;
+    let secrets = Arc::new(SecretStore::File(store));
+
+    let mut ca_pems = Vec::new();
+    for path in &config.registry.ca_files {
+        ca_pems.push(std::fs::read(path).map_err(|source| DaemonError::Io {
+            path: path.clone(),
+            source,
+        })?);
+    }
+    let settings = RegistrySettings {
+        plain_http: config.registry.plain_http.clone(),
+        ca_pems,
+        connect_timeout: Duration::from_secs(config.registry.connect_timeout_seconds),
+        read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
+        max_concurrent_downloads: config.registry.max_concurrent_downloads,
+    };
+    let containerd = Containerd::new(
+        &config.containerd.socket,
+        &config.containerd.namespace,
+        &config.containerd.snapshotter,
+    )
+    .map_err(DaemonError::Containerd)?;
+    let puller = Puller::new(
+        containerd.clone(),
+        settings,
+        Duration::from_secs(config.registry.pull_deadline_seconds),
+    );
+    let runner = Runner::new(containerd.clone(), puller, secrets.clone(), logs_dir);
+    let tasks = TaskTracker::new();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServer<AgentService>>().await;
+    health.set_serving::<SecretsServer<SecretsService>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(DaemonError::Reflection)?;
+    // grpcurl 1.8 speaks only v1alpha.
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(DaemonError::Reflection)?;
+
+    let mut builder = Server::builder();
+    if let ListenAddr::Tcp(_) = listen {
+        builder = builder.tls_config(tls_config(&config)?).map_err(DaemonError::Server)?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AgentServer::new(AgentService::new(runner, tasks.clone())))
+        .add_service(SecretsServer::new(SecretsService::new(secrets)));
+
+    // Runs beside the server and ends with it, whether or not containerd ever answered.
+    let ready = async {
+        notify_when_ready(containerd.clone()).await;
+        std::future::pending::<()>().await;
+    };
+    let result = match listen {
+        ListenAddr::Unix(path) => {
+            let listener = bind_unix(&path, &config.socket_group)?;
+            info!(socket = %path.display(), "api listening");
+            let serve = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+            let result = tokio::select! {
+                result = serve => result,
+                () = ready => Ok(()),
+            };
+            std::fs::remove_file(&path).ok();
+            result
+        }
+        ListenAddr::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Io {
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+            info!(address = %addr, "api listening (mTLS)");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let serve = router.serve_with_incoming_shutdown(incoming, shutdown);
+            tokio::select! {
+                result = serve => result,
+                () = ready => Ok(()),
+            }
+        }
+    };
+    info!("api closed; waiting for in-flight orders");
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+        warn!("in-flight orders still running at the end of the grace period");
+    }
+    result.map_err(DaemonError::Server)
+}
+
+/// Sends READY=1 once containerd answers (the API is bound before this runs).
+async fn notify_when_ready(containerd: Containerd) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match containerd.version().await {
+            Ok(version) => {
+                info!(containerd = %version, socket = %containerd.socket().display(), "containerd answered; ready");
+                sd_notify::notify(false, &[sd_notify::NotifyState::Ready]).ok();
+                return;
+            }
+            Err(err) => {
+                warn!(error = %err, socket = %containerd.socket().display(), "containerd not answering yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn tls_config(config: &Config) -> Result<ServerTlsConfig, DaemonError> {
+    let read = |path: &str| {
+        std::fs::read(path).map_err(|source| DaemonError::Io {
+            path: PathBuf::from(path),
+            source,
+        })
+    };
+    let identity = Identity::from_pem(read(&config.tls_cert)?, read(&config.tls_key)?);
+    Ok(ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(Certificate::from_pem(read(&config.tls_client_ca)?)))
+}
+
+/// Binds the API socket: stale socket removed, parent dir created, mode 0660, optional group.
+fn bind_unix(path: &Path, group: &str) -> Result<tokio::net::UnixListener, DaemonError> {
+    let io_err = |source| DaemonError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(io_err(err)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err)?;
+    if !group.is_empty() {
+        let gid = nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .ok_or_else(|| DaemonError::Group { group: group.to_owned() })?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid)).map_err(|errno| io_err(std::io::Error::from(errno)))?;
+    }
+    Ok(listener)
+}
+
+/// Creates `path` (and parents) with mode 0700 when missing; tightens an existing one.
+fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
+    let io_err = |source| DaemonError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io_err)
+}

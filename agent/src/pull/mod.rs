@@ -1,0 +1,667 @@
+//! Pull: resolve the reference to this host's manifest, fetch config and layers concurrently,
+//! verify every byte while streaming it into containerd, unpack, and only then write the image
+//! record. A failed pull leaves no image record.
+
+pub(crate) mod manifest;
+pub(crate) mod registry;
+pub(crate) mod verify;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use oci_client::secrets::RegistryAuth;
+use tokio::sync::mpsc;
+use tracing::{debug, info, instrument};
+
+use crate::containerd::{Containerd, ContainerdError, Lease, OpenedBlob, UnpackLayer};
+use crate::order::ImageRef;
+use manifest::{Descriptor, Manifest, Parsed};
+pub(crate) use registry::RegistrySettings;
+use registry::Session;
+use verify::{Mismatch, Verifier};
+
+/// Largest manifest, index or image config berth reads.
+const MAX_DOCUMENT: u64 = 4 << 20;
+/// Image label: the digest of the platform manifest the record's target resolves to.
+pub(crate) const LABEL_MANIFEST: &str = "berth.dev/manifest";
+/// Image label: "true" when the image was pulled with a credential.
+pub(crate) const LABEL_PRIVATE: &str = "berth.dev/private";
+
+/// A failed pull. Messages name the image, registry, repository and secret id, never material.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PullError {
+    #[error(
+        "registry {registry} refused access to repository {repository}{}",
+        secret_suffix(secret)
+    )]
+    Denied {
+        registry: String,
+        repository: String,
+        secret: Option<String>,
+    },
+    #[error("image {image} not found")]
+    NotFound { image: String },
+    #[error("image {image} has no manifest for {os}/{arch}")]
+    NoPlatform {
+        image: String,
+        os: &'static str,
+        arch: &'static str,
+    },
+    #[error("image {image} failed verification")]
+    Mismatch {
+        image: String,
+        #[source]
+        source: Mismatch,
+    },
+    #[error("image {image}: {reason}")]
+    Unsupported {
+        image: String,
+        #[source]
+        reason: manifest::ManifestError,
+    },
+    #[error("registry {registry} is not reachable")]
+    Unreachable {
+        registry: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("registry {registry} failed a request for repository {repository}")]
+    Registry {
+        registry: String,
+        repository: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    #[error("setting up the registry client")]
+    Client {
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    #[error("image {image}: the config is not a valid image config")]
+    Config {
+        image: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("pulling {image} took longer than the pull deadline")]
+    Deadline { image: String },
+    #[error("writing image {image} into containerd")]
+    Containerd {
+        image: String,
+        #[source]
+        source: ContainerdError,
+    },
+}
+
+fn secret_suffix(secret: &Option<String>) -> String {
+    match secret {
+        Some(id) => format!(" with secret {id}"),
+        None => " without a credential".to_owned(),
+    }
+}
+
+/// Progress of one pull, for PullImage's stream.
+#[derive(Debug, Clone)]
+pub(crate) enum PullProgress {
+    Resolved {
+        image: String,
+        digest: String,
+        layers: u32,
+        total_bytes: u64,
+    },
+    Layer {
+        digest: String,
+        done_bytes: u64,
+        total_bytes: u64,
+        cached: bool,
+    },
+    Done {
+        digest: String,
+    },
+}
+
+/// An image ready to run: its record exists and its layers are unpacked.
+#[derive(Debug, Clone)]
+pub(crate) struct PulledImage {
+    pub(crate) name: String,
+    pub(crate) manifest_digest: String,
+    pub(crate) config: oci_spec::image::ImageConfiguration,
+    pub(crate) top_chain_id: String,
+    pub(crate) private: bool,
+}
+
+/// Pulls images into one containerd namespace.
+#[derive(Debug, Clone)]
+pub(crate) struct Puller {
+    containerd: Containerd,
+    settings: Arc<RegistrySettings>,
+    deadline: Duration,
+}
+
+impl Puller {
+    pub(crate) fn new(
+        containerd: Containerd,
+        settings: RegistrySettings,
+        deadline: Duration,
+    ) -> Self {
+        Self {
+            containerd,
+            settings: Arc::new(settings),
+            deadline,
+        }
+    }
+
+    /// Pulls `image` with `auth` (anonymous when no secret), reporting progress if asked.
+    #[instrument(skip_all, fields(image = %image))]
+    pub(crate) async fn pull(
+        &self,
+        image: &ImageRef,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+        progress: Option<mpsc::Sender<PullProgress>>,
+    ) -> Result<PulledImage, PullError> {
+        let private = !matches!(auth, RegistryAuth::Anonymous);
+        let work = self.pull_inner(image, auth, secret_id, private, progress);
+        tokio::time::timeout(self.deadline, work)
+            .await
+            .map_err(|_| PullError::Deadline {
+                image: image.to_string(),
+            })?
+    }
+
+    async fn pull_inner(
+        &self,
+        image: &ImageRef,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+        private: bool,
+        progress: Option<mpsc::Sender<PullProgress>>,
+    ) -> Result<PulledImage, PullError> {
+        let session = Session::open(&self.settings, image, auth, secret_id).await?;
+        let (top_bytes, top_digest) = session.manifest(image.reference()).await?;
+        let unsupported = |reason| PullError::Unsupported {
+            image: image.to_string(),
+            reason,
+        };
+        let (top_media_type, index, manifest_bytes, manifest_digest, manifest) =
+            match manifest::parse(&top_bytes).map_err(unsupported)? {
+                Parsed::Manifest(m) => (
+                    m.media_type.clone(),
+                    None,
+                    top_bytes.clone(),
+                    top_digest.clone(),
+                    m,
+                ),
+                Parsed::Index(entries) => {
+                    let (os, arch) = manifest::host_platform();
+                    let entry = manifest::select_platform(&entries, os, arch)
+                        .ok_or_else(|| PullError::NoPlatform {
+                            image: image.to_string(),
+                            os,
+                            arch,
+                        })?
+                        .clone();
+                    manifest::check_digest(&entry.digest).map_err(unsupported)?;
+                    let (bytes, digest) = session
+                        .manifest(&session.reference_with_digest(&entry.digest))
+                        .await?;
+                    verify::verify_bytes(&entry.digest, Some(entry.size), &bytes).map_err(
+                        |source| PullError::Mismatch {
+                            image: image.to_string(),
+                            source,
+                        },
+                    )?;
+                    let Parsed::Manifest(m) = manifest::parse(&bytes).map_err(unsupported)? else {
+                        return Err(unsupported(manifest::ManifestError(
+                            "nested indexes are not supported",
+                        )));
+                    };
+                    let top_type = if top_bytes
+                        .windows(DOCKER_LIST_NEEDLE.len())
+                        .any(|w| w == DOCKER_LIST_NEEDLE)
+                    {
+                        manifest::DOCKER_LIST
+                    } else {
+                        manifest::OCI_INDEX
+                    };
+                    (top_type.to_owned(), Some(entries), bytes, digest, m)
+                }
+            };
+        let total_bytes =
+            manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
+        info!(digest = %manifest_digest, layers = manifest.layers.len(), total_bytes, "resolved image");
+        send(
+            &progress,
+            PullProgress::Resolved {
+                image: image.to_string(),
+                digest: manifest_digest.clone(),
+                layers: u32::try_from(manifest.layers.len()).unwrap_or(u32::MAX),
+                total_bytes,
+            },
+        )
+        .await;
+
+        let containerd_err = |source| PullError::Containerd {
+            image: image.to_string(),
+            source,
+        };
+        let lease = self
+            .containerd
+            .create_lease("pull", Duration::from_secs(3600) + self.deadline)
+            .await
+            .map_err(containerd_err)?;
+        let result = self
+            .store(
+                image,
+                &session,
+                &lease,
+                Stored {
+                    top: (&top_media_type, &top_digest, &top_bytes),
+                    index: index.as_deref(),
+                    manifest_digest: &manifest_digest,
+                    manifest_bytes: &manifest_bytes,
+                    manifest: &manifest,
+                    private,
+                },
+                &progress,
+            )
+            .await;
+        self.containerd.release(lease).await.ok();
+        let (config, top_chain_id) = result?;
+        send(
+            &progress,
+            PullProgress::Done {
+                digest: manifest_digest.clone(),
+            },
+        )
+        .await;
+        Ok(PulledImage {
+            name: image.name(),
+            manifest_digest,
+            config,
+            top_chain_id,
+            private,
+        })
+    }
+
+    async fn store(
+        &self,
+        image: &ImageRef,
+        session: &Session,
+        lease: &Lease,
+        stored: Stored<'_>,
+        progress: &Option<mpsc::Sender<PullProgress>>,
+    ) -> Result<(oci_spec::image::ImageConfiguration, String), PullError> {
+        let containerd_err = |source| PullError::Containerd {
+            image: image.to_string(),
+            source,
+        };
+        let source_label = distribution_source(image);
+        let manifest = stored.manifest;
+        if manifest.config.size > MAX_DOCUMENT {
+            return Err(PullError::Unsupported {
+                image: image.to_string(),
+                reason: manifest::ManifestError("image config larger than 4 MiB"),
+            });
+        }
+        // Config and layers, concurrently; each verified while it streams into containerd.
+        // Boxed as `dyn Send` futures: the compiler cannot prove `Send` for a closure returning
+        // borrowed futures inside `buffer_unordered` on its own (rust-lang/rust#102211).
+        let mut fetches: Vec<BlobFetch<'_>> = Vec::with_capacity(manifest.layers.len() + 1);
+        for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
+            fetches.push(Box::pin(self.fetch_blob(image, session, lease, desc, &source_label, progress)));
+        }
+        futures::stream::iter(fetches)
+            .buffer_unordered(self.settings.max_concurrent_downloads)
+            .try_collect::<Vec<()>>()
+            .await?;
+
+        let config_bytes = self
+            .containerd
+            .read_blob(&manifest.config.digest, MAX_DOCUMENT)
+            .await
+            .map_err(containerd_err)?;
+        let config: oci_spec::image::ImageConfiguration = serde_json::from_slice(&config_bytes)
+            .map_err(|source| PullError::Config {
+                image: image.to_string(),
+                source,
+            })?;
+        let diff_ids = config.rootfs().diff_ids();
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(PullError::Unsupported {
+                image: image.to_string(),
+                reason: manifest::ManifestError("the config's diff ids do not match the layers"),
+            });
+        }
+
+        // The manifest, then the index, each pointing at its children for the GC.
+        let mut labels = HashMap::from([source_label.clone()]);
+        labels.insert(
+            "containerd.io/gc.ref.content.config".to_owned(),
+            manifest.config.digest.clone(),
+        );
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                layer.digest.clone(),
+            );
+        }
+        self.containerd
+            .write_small_blob(
+                lease,
+                &format!("manifest-{}", stored.manifest_digest),
+                stored.manifest_digest,
+                stored.manifest_bytes,
+                labels,
+            )
+            .await
+            .map_err(containerd_err)?;
+        let (top_media_type, top_digest, top_bytes) = stored.top;
+        if let Some(entries) = stored.index {
+            let mut labels = HashMap::from([source_label.clone()]);
+            for (i, entry) in entries.iter().enumerate() {
+                if manifest::check_digest(&entry.digest).is_ok() {
+                    labels.insert(
+                        format!("containerd.io/gc.ref.content.m.{i}"),
+                        entry.digest.clone(),
+                    );
+                }
+            }
+            self.containerd
+                .write_small_blob(
+                    lease,
+                    &format!("index-{top_digest}"),
+                    top_digest,
+                    top_bytes,
+                    labels,
+                )
+                .await
+                .map_err(containerd_err)?;
+        }
+
+        let layers: Vec<UnpackLayer> = manifest
+            .layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(layer, diff_id)| UnpackLayer {
+                media_type: layer.media_type.clone(),
+                digest: layer.digest.clone(),
+                size: i64::try_from(layer.size).unwrap_or(i64::MAX),
+                diff_id: diff_id.clone(),
+            })
+            .collect();
+        let top_chain_id = self
+            .containerd
+            .unpack(lease, &manifest.config.digest, &layers)
+            .await
+            .map_err(containerd_err)?;
+
+        // Only now, with every blob verified and unpacked, does the image become visible.
+        let image_labels = HashMap::from([
+            (LABEL_MANIFEST.to_owned(), stored.manifest_digest.to_owned()),
+            (LABEL_PRIVATE.to_owned(), stored.private.to_string()),
+        ]);
+        let top_size = i64::try_from(top_bytes.len()).unwrap_or(i64::MAX);
+        self.containerd
+            .put_image(
+                lease,
+                &image.name(),
+                (top_media_type, top_digest, top_size),
+                image_labels,
+            )
+            .await
+            .map_err(containerd_err)?;
+        Ok((config, top_chain_id))
+    }
+
+    #[instrument(skip_all, fields(digest = %desc.digest, size = desc.size))]
+    async fn fetch_blob(
+        &self,
+        image: &ImageRef,
+        session: &Session,
+        lease: &Lease,
+        desc: &Descriptor,
+        source_label: &(String, String),
+        progress: &Option<mpsc::Sender<PullProgress>>,
+    ) -> Result<(), PullError> {
+        let containerd_err = |source| PullError::Containerd {
+            image: image.to_string(),
+            source,
+        };
+        let mismatch = |source| PullError::Mismatch {
+            image: image.to_string(),
+            source,
+        };
+        let labels = HashMap::from([source_label.clone()]);
+        let reference = format!("berth-blob-{}", desc.digest);
+        let mut writer = match self
+            .containerd
+            .open_blob(lease, &reference, &desc.digest, desc.size)
+            .await
+            .map_err(containerd_err)?
+        {
+            OpenedBlob::Present => {
+                debug!("blob already in containerd");
+                self.containerd
+                    .update_content_labels(&desc.digest, labels)
+                    .await
+                    .map_err(containerd_err)?;
+                send(progress, layer_progress(desc, desc.size, true)).await;
+                return Ok(());
+            }
+            OpenedBlob::Writer(writer) => writer,
+        };
+        if writer.offset() == desc.size {
+            // Complete already (an earlier attempt, or shared from another namespace):
+            // containerd re-hashes it at commit.
+            writer.commit(labels).await.map_err(containerd_err)?;
+            send(progress, layer_progress(desc, desc.size, true)).await;
+            return Ok(());
+        }
+        // A partial ingest from an earlier attempt is started over; the whole blob is verified.
+        writer.restart();
+        let mut stream = session.blob(desc).await?;
+        let mut verifier = Verifier::new(&desc.digest, desc.size);
+        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK);
+        let mut last_report = 0u64;
+        let outcome: Result<(), PullError> = async {
+            loop {
+                let chunk = match stream.next().await {
+                    Some(Ok(chunk)) => chunk,
+                    None => break,
+                    Some(Err(err)) => {
+                        // oci-client checks the digest at the end of a full response too; our
+                        // own check gives the precise answer when every byte arrived.
+                        if verifier.seen() == desc.size {
+                            break;
+                        }
+                        return Err(PullError::Unreachable {
+                            registry: image.registry().to_owned(),
+                            source: Box::new(err),
+                        });
+                    }
+                };
+                verifier.update(&chunk).map_err(mismatch)?;
+                buffer.extend_from_slice(&chunk);
+                if buffer.len() >= CHUNK {
+                    writer
+                        .write(std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK)))
+                        .await
+                        .map_err(containerd_err)?;
+                }
+                if verifier.seen() - last_report >= PROGRESS_STEP {
+                    last_report = verifier.seen();
+                    send(progress, layer_progress(desc, last_report, false)).await;
+                }
+            }
+            verifier.finish().map_err(mismatch)?;
+            if !buffer.is_empty() {
+                writer
+                    .write(std::mem::take(&mut buffer))
+                    .await
+                    .map_err(containerd_err)?;
+            }
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                writer.commit(labels).await.map_err(containerd_err)?;
+                send(progress, layer_progress(desc, desc.size, false)).await;
+                Ok(())
+            }
+            Err(err) => {
+                writer.abort().await.ok();
+                Err(err)
+            }
+        }
+    }
+}
+
+type BlobFetch<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PullError>> + Send + 'a>>;
+
+/// Size of containerd WRITE messages.
+const CHUNK: usize = 1 << 20;
+/// Progress is reported at most every this many bytes per blob.
+const PROGRESS_STEP: u64 = 4 << 20;
+const DOCKER_LIST_NEEDLE: &[u8] = manifest::DOCKER_LIST.as_bytes();
+
+/// What `store` writes besides the blobs.
+struct Stored<'a> {
+    top: (&'a str, &'a str, &'a [u8]),
+    index: Option<&'a [Descriptor]>,
+    manifest_digest: &'a str,
+    manifest_bytes: &'a [u8],
+    manifest: &'a Manifest,
+    private: bool,
+}
+
+fn layer_progress(desc: &Descriptor, done_bytes: u64, cached: bool) -> PullProgress {
+    PullProgress::Layer {
+        digest: desc.digest.clone(),
+        done_bytes,
+        total_bytes: desc.size,
+        cached,
+    }
+}
+
+async fn send(progress: &Option<mpsc::Sender<PullProgress>>, event: PullProgress) {
+    if let Some(sender) = progress {
+        // A client that stopped listening does not stop the pull.
+        sender.send(event).await.ok();
+    }
+}
+
+/// `containerd.io/distribution.source.<host without port>` = repository, as ctr writes it.
+fn distribution_source(image: &ImageRef) -> (String, String) {
+    let registry = image.registry();
+    let host = if registry.starts_with('[') {
+        registry
+            .split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
+    } else {
+        registry.split(':').next().unwrap_or(registry).to_owned()
+    };
+    (
+        format!("containerd.io/distribution.source.{host}"),
+        image.repository().to_owned(),
+    )
+}
+
+impl Puller {
+    /// The image as containerd has it, ready to run; None when it is absent or incomplete
+    /// (then it is pulled again).
+    pub(crate) async fn load(&self, image: &ImageRef) -> Result<Option<PulledImage>, PullError> {
+        let containerd_err = |source| PullError::Containerd {
+            image: image.to_string(),
+            source,
+        };
+        let Some(record) = self
+            .containerd
+            .get_image(&image.name())
+            .await
+            .map_err(containerd_err)?
+        else {
+            return Ok(None);
+        };
+        let Some(manifest_digest) = record.labels.get(LABEL_MANIFEST).cloned() else {
+            return Ok(None);
+        };
+        let private = record
+            .labels
+            .get(LABEL_PRIVATE)
+            .is_none_or(|v| v != "false");
+        let Some(bytes) = self.read_document(&manifest_digest).await.map_err(containerd_err)? else {
+            return Ok(None);
+        };
+        let Ok(Parsed::Manifest(manifest)) = manifest::parse(&bytes) else {
+            return Ok(None);
+        };
+        let Some(config_bytes) = self.read_document(&manifest.config.digest).await.map_err(containerd_err)? else {
+            return Ok(None);
+        };
+        let Ok(config) =
+            serde_json::from_slice::<oci_spec::image::ImageConfiguration>(&config_bytes)
+        else {
+            return Ok(None);
+        };
+        let diff_ids: Vec<&str> = config
+            .rootfs()
+            .diff_ids()
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let Some(top_chain_id) = crate::containerd::chain_ids(&diff_ids).pop() else {
+            return Ok(None);
+        };
+        if !self
+            .containerd
+            .snapshot_exists(&top_chain_id)
+            .await
+            .map_err(containerd_err)?
+        {
+            return Ok(None);
+        }
+        Ok(Some(PulledImage {
+            name: image.name(),
+            manifest_digest,
+            config,
+            top_chain_id,
+            private,
+        }))
+    }
+
+    async fn read_document(&self, digest: &str) -> Result<Option<Vec<u8>>, ContainerdError> {
+        match self.containerd.read_blob(digest, MAX_DOCUMENT).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(err) if err.is_not_found() => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Whether the registry, now, lets `auth` read `image`'s manifest. Used before a cached
+    /// private image starts for an order.
+    pub(crate) async fn check_access(
+        &self,
+        image: &ImageRef,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+    ) -> Result<(), PullError> {
+        let work = async {
+            let session = Session::open(&self.settings, image, auth, secret_id).await?;
+            session.manifest(image.reference()).await.map(|_| ())
+        };
+        tokio::time::timeout(
+            self.settings.read_timeout + self.settings.connect_timeout,
+            work,
+        )
+        .await
+        .map_err(|_| PullError::Deadline {
+            image: image.to_string(),
+        })?
+    }
+}
