@@ -19,7 +19,7 @@ use crate::config::{Config, ConfigError, ListenAddr};
 use crate::containerd::Containerd;
 use crate::pull::{Puller, RegistrySettings};
 use crate::run::Runner;
-use crate::secret::{FileStore, SecretError, SecretStore};
+use crate::secret::{FileStore, SecretStore};
 
 /// How long in-flight orders may run on after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -36,9 +36,9 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error("opening the secret store")]
-    Secrets(#[source] SecretError),
+    Secrets(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("setting up containerd's client")]
-    Containerd(#[source] crate::containerd::ContainerdError),
+    Containerd(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("setting up the API server")]
     Server(#[source] tonic::transport::Error),
     #[error("setting up server reflection")]
@@ -58,7 +58,10 @@ impl DaemonError {
 }
 
 /// Runs berthd until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
     // A crash must not write secrets to disk.
     if let Err(err) = nix::sys::prctl::set_dumpable(false) {
         warn!(error = %err, "could not disable core dumps");
@@ -70,7 +73,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     create_private_dir(&config.state_dir)?;
     let logs_dir = config.state_dir.join("logs");
     create_private_dir(&logs_dir)?;
-    let store = FileStore::open(&config.state_dir, &config.secrets.key_file).map_err(DaemonError::Secrets)?;
+    let store = FileStore::open(&config.state_dir, &config.secrets.key_file)
+        .map_err(|err| DaemonError::Secrets(Box::new(err)))?;
     let secrets = Arc::new(SecretStore::File(store));
 
     let mut ca_pems = Vec::new();
@@ -92,7 +96,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         &config.containerd.namespace,
         &config.containerd.snapshotter,
     )
-    .map_err(DaemonError::Containerd)?;
+    .map_err(|err| DaemonError::Containerd(Box::new(err)))?;
     let puller = Puller::new(
         containerd.clone(),
         settings,
@@ -111,11 +115,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     };
     let reflection_v1 = reflection().build_v1().map_err(DaemonError::Reflection)?;
     // grpcurl 1.8 speaks only v1alpha.
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(DaemonError::Reflection)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(DaemonError::Reflection)?;
 
     let mut builder = Server::builder();
     if let ListenAddr::Tcp(_) = listen {
-        builder = builder.tls_config(tls_config(&config)?).map_err(DaemonError::Server)?;
+        builder = builder
+            .tls_config(tls_config(&config)?)
+            .map_err(DaemonError::Server)?;
     }
     let router = builder
         .add_service(health_service)
@@ -133,7 +141,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         ListenAddr::Unix(path) => {
             let listener = bind_unix(&path, &config.socket_group)?;
             info!(socket = %path.display(), "api listening");
-            let serve = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+            let serve =
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
             let result = tokio::select! {
                 result = serve => result,
                 () = ready => Ok(()),
@@ -142,10 +151,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
             result
         }
         ListenAddr::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Io {
-                path: PathBuf::from(addr.to_string()),
-                source,
-            })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Io {
+                    path: PathBuf::from(addr.to_string()),
+                    source,
+                })?;
             info!(address = %addr, "api listening (mTLS)");
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let serve = router.serve_with_incoming_shutdown(incoming, shutdown);
@@ -157,7 +168,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     };
     info!("api closed; waiting for in-flight orders");
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         warn!("in-flight orders still running at the end of the grace period");
     }
     result.map_err(DaemonError::Server)
@@ -215,9 +229,12 @@ fn bind_unix(path: &Path, group: &str) -> Result<tokio::net::UnixListener, Daemo
         let gid = nix::unistd::Group::from_name(group)
             .ok()
             .flatten()
-            .ok_or_else(|| DaemonError::Group { group: group.to_owned() })?
+            .ok_or_else(|| DaemonError::Group {
+                group: group.to_owned(),
+            })?
             .gid;
-        nix::unistd::chown(path, None, Some(gid)).map_err(|errno| io_err(std::io::Error::from(errno)))?;
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|errno| io_err(std::io::Error::from(errno)))?;
     }
     Ok(listener)
 }

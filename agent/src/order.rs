@@ -328,23 +328,23 @@ mod tests {
             "reg.example/app@md5:0123456789abcdef0123456789abcdef",
             "",
         ] {
-            assert!(ImageRef::parse(bad).is_err(), "{bad:?} accepted");
+            ImageRef::parse(bad).expect_err(bad);
         }
         let long = format!("reg.example/{}", "a".repeat(250));
-        assert!(ImageRef::parse(&long).is_err());
+        ImageRef::parse(&long).unwrap_err();
     }
 
     #[test]
     fn names_projects_and_ids_are_checked() {
         let mut order = raw("busybox");
         order.name = "Web".into();
-        assert!(Order::parse(order).is_err());
+        Order::parse(order).unwrap_err();
         let mut order = raw("busybox");
         order.name = "-web".into();
-        assert!(Order::parse(order).is_err());
+        Order::parse(order).unwrap_err();
         let mut order = raw("busybox");
         order.project = "team_a".into();
-        assert!(Order::parse(order).is_err());
+        Order::parse(order).unwrap_err();
         let mut order = raw("busybox");
         order.order_id = String::new();
         assert!(matches!(
@@ -353,10 +353,10 @@ mod tests {
         ));
         let mut order = raw("busybox");
         order.pull_secret = "../../etc/passwd".into();
-        assert!(Order::parse(order).is_err());
+        Order::parse(order).unwrap_err();
         let mut order = raw("busybox");
         order.env.insert("A=B".into(), "c".into());
-        assert!(Order::parse(order).is_err());
+        Order::parse(order).unwrap_err();
     }
 
     #[test]

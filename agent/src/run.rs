@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
 use tracing::{info, instrument, warn};
 
 use crate::auth::{self, AuthError};
-use crate::containerd::{Containerd, ContainerdError, ContainerRecord, NewContainer};
+use crate::containerd::{ContainerRecord, Containerd, ContainerdError, NewContainer};
 use crate::order::{ImageRef, Order, OrderError, PullPolicy};
 use crate::pull::{PullError, PullProgress, PulledImage, Puller};
 use crate::secret::{SecretError, SecretId, SecretStore};
@@ -123,7 +123,12 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
-    pub(crate) fn new(containerd: Containerd, puller: Puller, secrets: Arc<SecretStore>, logs_dir: PathBuf) -> Self {
+    pub(crate) fn new(
+        containerd: Containerd,
+        puller: Puller,
+        secrets: Arc<SecretStore>,
+        logs_dir: PathBuf,
+    ) -> Self {
         Self {
             containerd,
             puller,
@@ -131,10 +136,6 @@ impl Runner {
             logs_dir,
             locks: Arc::default(),
         }
-    }
-
-    pub(crate) fn secrets(&self) -> &SecretStore {
-        &self.secrets
     }
 
     /// Starts the container an order asks for; the same order again returns the same container.
@@ -151,15 +152,25 @@ impl Runner {
             id: id.clone(),
             source,
         };
-        if self.containerd.get_container(&id).await.map_err(containerd_err)?.is_some() {
+        if self
+            .containerd
+            .get_container(&id)
+            .await
+            .map_err(containerd_err)?
+            .is_some()
+        {
             return Err(RunError::NameTaken {
                 project: order.project.clone(),
                 name: order.name.clone(),
             });
         }
 
-        let (auth, secret_id) = self.registry_auth(&order.project, order.pull_secret.as_deref(), &order.image).await?;
-        let image = self.ensure_image(&order, auth, secret_id.as_deref()).await?;
+        let (auth, secret_id) = self
+            .registry_auth(&order.project, order.pull_secret.as_deref(), &order.image)
+            .await?;
+        let image = self
+            .ensure_image(&order, auth, secret_id.as_deref())
+            .await?;
 
         let spec = spec::build(&SpecInput {
             container_id: &id,
@@ -219,15 +230,23 @@ impl Runner {
         self.containerd
             .start_task(id, &log_path)
             .await
-            .map_err(|source| RunError::Start { id: id.to_owned(), source })?;
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            .map_err(|source| RunError::Start {
+                id: id.to_owned(),
+                source,
+            })?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
         self.containerd
             .update_container_labels(
                 id,
                 HashMap::from([(LABEL_STARTED_AT.to_owned(), now.as_nanos().to_string())]),
             )
             .await
-            .map_err(|source| RunError::Containerd { id: id.to_owned(), source })
+            .map_err(|source| RunError::Containerd {
+                id: id.to_owned(),
+                source,
+            })
     }
 
     /// Pulls `image` for `project` with an optional secret, reporting progress.
@@ -240,7 +259,10 @@ impl Runner {
         progress: mpsc::Sender<PullProgress>,
     ) -> Result<PulledImage, RunError> {
         let (auth, secret_id) = self.registry_auth(project, pull_secret, image).await?;
-        Ok(self.puller.pull(image, auth, secret_id.as_deref(), Some(progress)).await?)
+        Ok(self
+            .puller
+            .pull(image, auth, secret_id.as_deref(), Some(progress))
+            .await?)
     }
 
     /// Present and allowed, or pulled now, per the order's pull policy.
@@ -250,7 +272,10 @@ impl Runner {
         auth: RegistryAuth,
         secret_id: Option<&str>,
     ) -> Result<PulledImage, RunError> {
-        let _image_guard = self.locks.lock(format!("image/{}", order.image.name())).await;
+        let _image_guard = self
+            .locks
+            .lock(format!("image/{}", order.image.name()))
+            .await;
         if order.pull_policy != PullPolicy::Always {
             if let Some(image) = self.puller.load(&order.image).await? {
                 if image.private {
@@ -264,7 +289,9 @@ impl Runner {
                         }
                         .into());
                     }
-                    self.puller.check_access(&order.image, auth, secret_id).await?;
+                    self.puller
+                        .check_access(&order.image, auth, secret_id)
+                        .await?;
                 }
                 return Ok(image);
             }
@@ -274,7 +301,10 @@ impl Runner {
                 });
             }
         }
-        Ok(self.puller.pull(&order.image, auth, secret_id, None).await?)
+        Ok(self
+            .puller
+            .pull(&order.image, auth, secret_id, None)
+            .await?)
     }
 
     /// Looks the secret up within the project and turns it into registry authentication.
@@ -294,7 +324,10 @@ impl Runner {
     }
 
     async fn find_order(&self, order: &Order) -> Result<Option<ContainerView>, RunError> {
-        let filter = format!("labels.\"{LABEL_ORDER_ID}\"=={}", quote(order.order_id.as_str()));
+        let filter = format!(
+            "labels.\"{LABEL_ORDER_ID}\"=={}",
+            quote(order.order_id.as_str())
+        );
         let found = self
             .containerd
             .list_containers(vec![filter])
@@ -346,11 +379,16 @@ impl Runner {
 
     /// SIGTERM, then SIGKILL after `timeout`.
     #[instrument(skip_all, fields(id = %id))]
-    pub(crate) async fn stop(&self, id: &str, timeout: Option<Duration>) -> Result<ContainerView, RunError> {
+    pub(crate) async fn stop(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<ContainerView, RunError> {
         let view = self.view_by_id(id).await?;
         let _guard = self.locks.lock(format!("container/{id}")).await;
         if view.state == ContainerState::Running {
-            self.kill(id, timeout.unwrap_or(DEFAULT_STOP_TIMEOUT)).await?;
+            self.kill(id, timeout.unwrap_or(DEFAULT_STOP_TIMEOUT))
+                .await?;
         }
         self.view_by_id(id).await
     }
@@ -370,8 +408,14 @@ impl Runner {
             id: id.to_owned(),
             source,
         };
-        self.containerd.delete_task(id).await.map_err(containerd_err)?;
-        self.containerd.delete_container(id).await.map_err(containerd_err)?;
+        self.containerd
+            .delete_task(id)
+            .await
+            .map_err(containerd_err)?;
+        self.containerd
+            .delete_container(id)
+            .await
+            .map_err(containerd_err)?;
         match tokio::fs::remove_file(&view.log_path).await {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -392,13 +436,25 @@ impl Runner {
             source,
         };
         if !grace.is_zero() {
-            self.containerd.kill_task(id, 15, false).await.map_err(containerd_err)?;
-            if tokio::time::timeout(grace, self.containerd.wait_task(id)).await.is_ok() {
+            self.containerd
+                .kill_task(id, 15, false)
+                .await
+                .map_err(containerd_err)?;
+            if tokio::time::timeout(grace, self.containerd.wait_task(id))
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
-            info!(grace_seconds = grace.as_secs(), "no exit after SIGTERM; sending SIGKILL");
+            info!(
+                grace_seconds = grace.as_secs(),
+                "no exit after SIGTERM; sending SIGKILL"
+            );
         }
-        self.containerd.kill_task(id, 9, true).await.map_err(containerd_err)?;
+        self.containerd
+            .kill_task(id, 9, true)
+            .await
+            .map_err(containerd_err)?;
         tokio::time::timeout(DEFAULT_STOP_TIMEOUT, self.containerd.wait_task(id))
             .await
             .map_err(|_| RunError::Containerd {
@@ -481,7 +537,10 @@ pub(crate) fn container_id(project: &str, name: &str) -> String {
     }
     let hash = hex::encode(&Sha256::digest(format!("{project}/{name}"))[..6]);
     let keep = MAX_ID_LEN - hash.len() - 1;
-    format!("{}-{hash}", name[..name.len().min(keep)].trim_end_matches('-'))
+    format!(
+        "{}-{hash}",
+        name[..name.len().min(keep)].trim_end_matches('-')
+    )
 }
 
 /// A containerd filter string literal.
@@ -528,7 +587,10 @@ pub(crate) struct KeyedLocks {
 impl KeyedLocks {
     pub(crate) async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
         let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut locks = self
+                .locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
             locks.entry(key).or_default().clone()
         };
@@ -561,12 +623,11 @@ mod tests {
         let locks = KeyedLocks::default();
         let a = locks.lock("a".into()).await;
         let b = tokio::time::timeout(Duration::from_millis(50), locks.lock("b".into())).await;
-        assert!(b.is_ok(), "another key must not wait");
+        b.expect("another key must not wait");
         let again = tokio::time::timeout(Duration::from_millis(50), locks.lock("a".into())).await;
-        assert!(again.is_err(), "the same key must wait");
+        again.expect_err("the same key must wait");
         drop(a);
         let again = tokio::time::timeout(Duration::from_millis(50), locks.lock("a".into())).await;
-        assert!(again.is_ok());
+        again.unwrap();
     }
 }
-

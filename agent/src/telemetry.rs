@@ -11,11 +11,21 @@ pub enum LogFormat {
 }
 
 /// Crates whose verbose levels could print wire data; they stay at `info` whatever the filter.
-const CAPPED: &[&str] = &["h2", "hyper", "hyper_util", "reqwest", "rustls", "tonic", "tower", "oci_client"];
+const CAPPED: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "rustls",
+    "tonic",
+    "tower",
+    "oci_client",
+];
 
 /// Installs the global subscriber. `filter` is the `BERTH_LOG`/`RUST_LOG` value, if any.
 pub fn init(filter: Option<&str>, format: LogFormat) {
-    let mut env_filter = EnvFilter::try_new(filter.unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut env_filter =
+        EnvFilter::try_new(filter.unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
     for target in CAPPED {
         if let Ok(directive) = format!("{target}=info").parse() {
             env_filter = env_filter.add_directive(directive);

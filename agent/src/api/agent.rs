@@ -32,20 +32,30 @@ type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullEvent, Status>> + Sen
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentService {
     #[instrument(name = "order", skip_all, fields(order_id = %request.get_ref().order_id))]
-    async fn start_container(&self, request: Request<pb::StartContainerRequest>) -> Result<Response<pb::Container>, Status> {
+    async fn start_container(
+        &self,
+        request: Request<pb::StartContainerRequest>,
+    ) -> Result<Response<pb::Container>, Status> {
         let order = Order::parse(convert::raw_order(request.into_inner())?)?;
         info!(project = %order.project, name = %order.name, image = %order.image, "start order received");
         // The order runs to completion even if the caller goes away, so nothing is half-done.
         let runner = self.runner.clone();
-        let work = self.tasks.spawn(async move { runner.start(order).await }.in_current_span());
-        let view = work.await.map_err(|_| Status::internal("order task failed"))??;
+        let work = self
+            .tasks
+            .spawn(async move { runner.start(order).await }.in_current_span());
+        let view = work
+            .await
+            .map_err(|_| Status::internal("order task failed"))??;
         Ok(Response::new(convert::container(view)))
     }
 
     type PullImageStream = PullStream;
 
     #[instrument(skip_all, fields(image = %request.get_ref().image))]
-    async fn pull_image(&self, request: Request<pb::PullImageRequest>) -> Result<Response<PullStream>, Status> {
+    async fn pull_image(
+        &self,
+        request: Request<pb::PullImageRequest>,
+    ) -> Result<Response<PullStream>, Status> {
         let request = request.into_inner();
         let project = parse_project(&request.project)?;
         let image = ImageRef::parse(&request.image)?;
@@ -58,7 +68,10 @@ impl pb::agent_server::Agent for AgentService {
                 let forward_events = events.clone();
                 let forward = async move {
                     while let Some(event) = progress_rx.recv().await {
-                        forward_events.send(Ok(convert::pull_event(event))).await.ok();
+                        forward_events
+                            .send(Ok(convert::pull_event(event)))
+                            .await
+                            .ok();
                     }
                 };
                 let pull = runner.pull(&project, &image, pull_secret.as_deref(), progress);
@@ -72,7 +85,10 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
-    async fn get_container(&self, request: Request<pb::GetContainerRequest>) -> Result<Response<pb::Container>, Status> {
+    async fn get_container(
+        &self,
+        request: Request<pb::GetContainerRequest>,
+    ) -> Result<Response<pb::Container>, Status> {
         let request = request.into_inner();
         let key = if !request.id.is_empty() {
             ContainerKey::Id(request.id)
@@ -86,7 +102,10 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(convert::container(view)))
     }
 
-    async fn list_containers(&self, request: Request<pb::ListContainersRequest>) -> Result<Response<pb::ListContainersResponse>, Status> {
+    async fn list_containers(
+        &self,
+        request: Request<pb::ListContainersRequest>,
+    ) -> Result<Response<pb::ListContainersResponse>, Status> {
         let request = request.into_inner();
         let project = if request.project.is_empty() {
             None
@@ -100,18 +119,25 @@ impl pb::agent_server::Agent for AgentService {
     }
 
     #[instrument(skip_all, fields(id = %request.get_ref().id))]
-    async fn stop_container(&self, request: Request<pb::StopContainerRequest>) -> Result<Response<pb::Container>, Status> {
+    async fn stop_container(
+        &self,
+        request: Request<pb::StopContainerRequest>,
+    ) -> Result<Response<pb::Container>, Status> {
         let request = request.into_inner();
         if request.id.is_empty() {
             return Err(Status::invalid_argument("id is required"));
         }
-        let timeout = (request.timeout_seconds > 0).then(|| Duration::from_secs(u64::from(request.timeout_seconds)));
+        let timeout = (request.timeout_seconds > 0)
+            .then(|| Duration::from_secs(u64::from(request.timeout_seconds)));
         let view = self.runner.stop(&request.id, timeout).await?;
         Ok(Response::new(convert::container(view)))
     }
 
     #[instrument(skip_all, fields(id = %request.get_ref().id))]
-    async fn remove_container(&self, request: Request<pb::RemoveContainerRequest>) -> Result<Response<pb::RemoveContainerResponse>, Status> {
+    async fn remove_container(
+        &self,
+        request: Request<pb::RemoveContainerRequest>,
+    ) -> Result<Response<pb::RemoveContainerResponse>, Status> {
         let request = request.into_inner();
         if request.id.is_empty() {
             return Err(Status::invalid_argument("id is required"));

@@ -9,7 +9,9 @@ use crate::run::{ContainerState, ContainerView};
 use crate::secret::{SecretKind, SecretMeta};
 
 pub(super) fn raw_order(request: pb::StartContainerRequest) -> Result<RawOrder, OrderError> {
-    let container = request.container.ok_or(OrderError::Missing { field: "container" })?;
+    let container = request
+        .container
+        .ok_or(OrderError::Missing { field: "container" })?;
     let pull_policy = match pb::PullPolicy::try_from(container.pull_policy) {
         Ok(pb::PullPolicy::IfNotPresent) => PullPolicy::IfNotPresent,
         Ok(pb::PullPolicy::Always) => PullPolicy::Always,
@@ -103,7 +105,9 @@ pub(super) fn pull_event(progress: PullProgress) -> pb::PullEvent {
 }
 
 pub(super) fn timestamp(time: SystemTime) -> prost_types::Timestamp {
-    let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     prost_types::Timestamp {
         seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
@@ -121,7 +125,10 @@ mod tests {
             name: "web".into(),
             ..Default::default()
         };
-        assert!(matches!(raw_order(request), Err(OrderError::Missing { field: "container" })));
+        assert!(matches!(
+            raw_order(request),
+            Err(OrderError::Missing { field: "container" })
+        ));
     }
 
     #[test]
@@ -136,6 +143,6 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert!(raw_order(request).is_err());
+        raw_order(request).unwrap_err();
     }
 }

@@ -25,14 +25,31 @@ impl SecretsService {
 #[tonic::async_trait]
 impl pb::secrets_server::Secrets for SecretsService {
     #[instrument(skip_all, fields(project = %request.get_ref().project, name = %request.get_ref().name))]
-    async fn create_secret(&self, request: Request<pb::CreateSecretRequest>) -> Result<Response<pb::Secret>, Status> {
+    async fn create_secret(
+        &self,
+        request: Request<pb::CreateSecretRequest>,
+    ) -> Result<Response<pb::Secret>, Status> {
         let request = request.into_inner();
         let project = parse_project(&request.project)?;
         let (kind, server, credential) = match request.credential {
-            Some(PbCredential::Docker(c)) => (SecretKind::Docker, c.server, password(c.username, c.password)),
-            Some(PbCredential::Acr(c)) => (SecretKind::Acr, c.server, password(c.username, c.password)),
-            Some(PbCredential::Gar(c)) => (SecretKind::Gar, c.server, Credential::JsonKey(SecretString::from(c.json_key))),
-            None => return Err(Status::invalid_argument("credential is required (docker, acr or gar)")),
+            Some(PbCredential::Docker(c)) => (
+                SecretKind::Docker,
+                c.server,
+                password(c.username, c.password),
+            ),
+            Some(PbCredential::Acr(c)) => {
+                (SecretKind::Acr, c.server, password(c.username, c.password))
+            }
+            Some(PbCredential::Gar(c)) => (
+                SecretKind::Gar,
+                c.server,
+                Credential::JsonKey(SecretString::from(c.json_key)),
+            ),
+            None => {
+                return Err(Status::invalid_argument(
+                    "credential is required (docker, acr or gar)",
+                ))
+            }
         };
         let meta = self
             .store
@@ -48,7 +65,10 @@ impl pb::secrets_server::Secrets for SecretsService {
         Ok(Response::new(convert::secret(meta)))
     }
 
-    async fn list_secrets(&self, request: Request<pb::ListSecretsRequest>) -> Result<Response<pb::ListSecretsResponse>, Status> {
+    async fn list_secrets(
+        &self,
+        request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
         let project = parse_project(&request.into_inner().project)?;
         let secrets = self.store.list(&project).await?;
         Ok(Response::new(pb::ListSecretsResponse {
@@ -57,7 +77,10 @@ impl pb::secrets_server::Secrets for SecretsService {
     }
 
     #[instrument(skip_all, fields(project = %request.get_ref().project, id = %request.get_ref().id))]
-    async fn delete_secret(&self, request: Request<pb::DeleteSecretRequest>) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+    async fn delete_secret(
+        &self,
+        request: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
         let request = request.into_inner();
         let project = parse_project(&request.project)?;
         let id = SecretId::parse(&request.id)?;

@@ -64,7 +64,9 @@ fn secret_code(err: &SecretError) -> Code {
         SecretError::NotFound { .. } => Code::NotFound,
         SecretError::NameTaken { .. } => Code::AlreadyExists,
         SecretError::Invalid { .. } => Code::InvalidArgument,
-        SecretError::Io { .. } | SecretError::Corrupt { .. } | SecretError::Key { .. } => Code::Internal,
+        SecretError::Io { .. } | SecretError::Corrupt { .. } | SecretError::Key { .. } => {
+            Code::Internal
+        }
     }
 }
 
@@ -116,8 +118,17 @@ mod tests {
     #[test]
     fn contract_codes() {
         let cases: Vec<(RunError, Code)> = vec![
-            (OrderError::Missing { field: "name" }.into(), Code::InvalidArgument),
-            (SecretError::NotFound { id: "secret-x".into() }.into(), Code::NotFound),
+            (
+                OrderError::Missing { field: "name" }.into(),
+                Code::InvalidArgument,
+            ),
+            (
+                SecretError::NotFound {
+                    id: "secret-x".into(),
+                }
+                .into(),
+                Code::NotFound,
+            ),
             (
                 PullError::Denied {
                     registry: "r".into(),
@@ -127,7 +138,13 @@ mod tests {
                 .into(),
                 Code::PermissionDenied,
             ),
-            (PullError::NotFound { image: "r/a:b".into() }.into(), Code::NotFound),
+            (
+                PullError::NotFound {
+                    image: "r/a:b".into(),
+                }
+                .into(),
+                Code::NotFound,
+            ),
             (
                 PullError::Mismatch {
                     image: "r/a:b".into(),
@@ -147,9 +164,23 @@ mod tests {
                 .into(),
                 Code::Unavailable,
             ),
-            (PullError::Deadline { image: "x".into() }.into(), Code::DeadlineExceeded),
-            (RunError::NameTaken { project: "p".into(), name: "n".into() }, Code::AlreadyExists),
-            (RunError::OrderConflict { order_id: "o".into() }, Code::AlreadyExists),
+            (
+                PullError::Deadline { image: "x".into() }.into(),
+                Code::DeadlineExceeded,
+            ),
+            (
+                RunError::NameTaken {
+                    project: "p".into(),
+                    name: "n".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                RunError::OrderConflict {
+                    order_id: "o".into(),
+                },
+                Code::AlreadyExists,
+            ),
         ];
         for (err, code) in cases {
             let text = err.to_string();

@@ -21,7 +21,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = std::env::var("BERTH_LOG").or_else(|_| std::env::var("RUST_LOG")).ok();
+    let filter = std::env::var("BERTH_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok();
     telemetry::init(filter.as_deref(), args.log_format);
     let (path, explicit) = match &args.config {
         Some(path) => (path.clone(), true),
@@ -47,7 +49,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            tracing::error!(error = %anyhow::Error::from(err_chain(&err)), "berthd failed");
+            tracing::error!(error = %err_chain(&err), "berthd failed");
             ExitCode::from(err.exit_code())
         }
     }
@@ -68,7 +70,10 @@ fn err_chain(err: &berth::daemon::DaemonError) -> anyhow::Error {
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return;
     };
     tokio::select! {

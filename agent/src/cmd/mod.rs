@@ -47,6 +47,7 @@ pub struct Cli {
 
 /// Options accepted before or after the verb.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 struct GlobalArgs {
     /// Project to act in.
     #[arg(long, global = true, default_value = "default")]

@@ -69,6 +69,8 @@ pub(super) struct PasswordCreateArgs {
     /// Registry host[:port] (a URL is reduced to that).
     #[arg(long)]
     server: String,
+    /// Registry username (for ACR: the service principal id, or the all-zero GUID with a
+    /// refresh token as password).
     #[arg(long)]
     username: String,
     #[command(flatten)]

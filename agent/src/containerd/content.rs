@@ -18,7 +18,7 @@ pub(crate) enum OpenedBlob {
     /// The namespace has the blob already; nothing to fetch.
     Present,
     /// An ingest is open; it may already hold `offset()` bytes from an earlier attempt.
-    Writer(BlobWriter),
+    Writer(Box<BlobWriter>),
 }
 
 /// One open ingest, driven in lock-step: one reply per request.
@@ -79,7 +79,7 @@ impl Containerd {
             }
             Err(status) => return Err(ContainerdError::rpc("content.write")(status)),
         };
-        Ok(OpenedBlob::Writer(BlobWriter {
+        Ok(OpenedBlob::Writer(Box::new(BlobWriter {
             containerd: self.clone(),
             reference: reference.to_owned(),
             expected: digest.to_owned(),
@@ -87,7 +87,7 @@ impl Containerd {
             offset: reply.offset,
             requests,
             replies,
-        }))
+        })))
     }
 
     /// Writes a small blob held in memory (manifest, index, config) and commits it.
@@ -167,24 +167,6 @@ impl Containerd {
             }
         }
         Ok(data)
-    }
-
-    /// Whether the namespace's content store has `digest`.
-    pub(crate) async fn has_blob(&self, digest: &str) -> Result<bool, ContainerdError> {
-        let result = self
-            .content()
-            .info(self.request(
-                InfoRequest {
-                    digest: digest.to_owned(),
-                },
-                None,
-            ))
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
-            Err(status) => Err(ContainerdError::rpc("content.info")(status)),
-        }
     }
 
     /// Sets (only) the given labels on a blob.
@@ -301,9 +283,6 @@ impl BlobWriter {
         drop(replies);
         containerd.abort_ingest(&reference).await
     }
-
-    /// Closes the stream and keeps the partial ingest for a later resume.
-    pub(crate) fn suspend(self) {}
 
     async fn exchange(
         &mut self,

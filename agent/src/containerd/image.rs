@@ -6,8 +6,7 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, DeleteImageRequest, GetImageRequest, Image,
-    UpdateImageRequest,
+    ApplyRequest, CreateImageRequest, GetImageRequest, Image, UpdateImageRequest,
 };
 use containerd_client::types::Descriptor;
 use rand::Rng as _;
@@ -18,8 +17,6 @@ use super::{Containerd, ContainerdError, Lease};
 /// An image record as berth reads it back.
 #[derive(Debug, Clone)]
 pub(crate) struct ImageRecord {
-    pub(crate) name: String,
-    pub(crate) target_digest: String,
     pub(crate) labels: HashMap<String, String>,
 }
 
@@ -52,8 +49,6 @@ impl Containerd {
             Err(status) => return Err(ContainerdError::rpc("images.get")(status)),
         };
         Ok(image.map(|image| ImageRecord {
-            target_digest: image.target.map(|t| t.digest).unwrap_or_default(),
-            name: image.name,
             labels: image.labels,
         }))
     }
@@ -109,22 +104,6 @@ impl Containerd {
             }
             Err(status) => Err(ContainerdError::rpc("images.create")(status)),
         }
-    }
-
-    pub(crate) async fn delete_image(&self, name: &str) -> Result<(), ContainerdError> {
-        let result = self
-            .images()
-            .delete(self.request(
-                DeleteImageRequest {
-                    name: name.to_owned(),
-                    sync: false,
-                    target: None,
-                },
-                None,
-            ))
-            .await
-            .map_err(ContainerdError::rpc("images.delete"));
-        super::ignore_not_found(result)
     }
 
     /// Applies the layers in order into the snapshotter and returns the top chain id. Layers whose

@@ -42,13 +42,6 @@ pub(crate) enum ContainerdError {
         expected: String,
         actual: String,
     },
-    #[error("reading {what} {digest} from the content store")]
-    Decode {
-        what: &'static str,
-        digest: String,
-        #[source]
-        source: serde_json::Error,
-    },
 }
 
 impl ContainerdError {

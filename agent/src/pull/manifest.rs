@@ -193,17 +193,17 @@ mod tests {
             r#"{{"schemaVersion":2,"manifests":[],"config":{{"mediaType":"x","digest":"{}","size":1}},"layers":[]}}"#,
             digest('a')
         );
-        assert!(parse(both.as_bytes()).is_err());
-        assert!(parse(b"{\"schemaVersion\":1}").is_err());
-        assert!(parse(b"not json").is_err());
+        parse(both.as_bytes()).unwrap_err();
+        parse(b"{\"schemaVersion\":1}").unwrap_err();
+        parse(b"not json").unwrap_err();
         let bad_digest = r#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:../../etc","size":1},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:00","size":1}]}"#;
-        assert!(parse(bad_digest.as_bytes()).is_err());
+        parse(bad_digest.as_bytes()).unwrap_err();
         let foreign = format!(
             r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"{}","size":1}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":1,"urls":["https://evil.example/x"]}}]}}"#,
             digest('a'),
             digest('b')
         );
-        assert!(parse(foreign.as_bytes()).is_err());
+        parse(foreign.as_bytes()).unwrap_err();
     }
 
     #[test]

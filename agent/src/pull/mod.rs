@@ -311,7 +311,14 @@ impl Puller {
         // borrowed futures inside `buffer_unordered` on its own (rust-lang/rust#102211).
         let mut fetches: Vec<BlobFetch<'_>> = Vec::with_capacity(manifest.layers.len() + 1);
         for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
-            fetches.push(Box::pin(self.fetch_blob(image, session, lease, desc, &source_label, progress)));
+            fetches.push(Box::pin(self.fetch_blob(
+                image,
+                session,
+                lease,
+                desc,
+                &source_label,
+                progress,
+            )));
         }
         futures::stream::iter(fetches)
             .buffer_unordered(self.settings.max_concurrent_downloads)
@@ -520,7 +527,8 @@ impl Puller {
     }
 }
 
-type BlobFetch<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PullError>> + Send + 'a>>;
+type BlobFetch<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PullError>> + Send + 'a>>;
 
 /// Size of containerd WRITE messages.
 const CHUNK: usize = 1 << 20;
@@ -595,13 +603,21 @@ impl Puller {
             .labels
             .get(LABEL_PRIVATE)
             .is_none_or(|v| v != "false");
-        let Some(bytes) = self.read_document(&manifest_digest).await.map_err(containerd_err)? else {
+        let Some(bytes) = self
+            .read_document(&manifest_digest)
+            .await
+            .map_err(containerd_err)?
+        else {
             return Ok(None);
         };
         let Ok(Parsed::Manifest(manifest)) = manifest::parse(&bytes) else {
             return Ok(None);
         };
-        let Some(config_bytes) = self.read_document(&manifest.config.digest).await.map_err(containerd_err)? else {
+        let Some(config_bytes) = self
+            .read_document(&manifest.config.digest)
+            .await
+            .map_err(containerd_err)?
+        else {
             return Ok(None);
         };
         let Ok(config) =

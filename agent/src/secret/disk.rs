@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use super::SecretError;
 
 /// Length of the key in `key_file` (AES-256).
-pub(super) const KEY_BYTES: usize = 32;
+const KEY_BYTES: usize = 32;
 
 /// Reads the key from `key_file`, first creating it (and its parent, 0700) when it is missing.
 pub(super) fn load_or_create_key(

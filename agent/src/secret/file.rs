@@ -5,24 +5,19 @@
 //! created 0600 on first start (see `disk`). Create and delete are serialised, so secret names
 //! stay unique per project.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use rand::{RngCore, TryRngCore};
-use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
 use tracing::{info, warn};
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::disk::{create_private_dir, load_or_create_key, sync_dir, write_atomically};
 use super::record::{seal, unseal};
-use super::{Credential, NewSecret, SecretError, SecretId, SecretKind, SecretMeta, StoredSecret};
+use super::{NewSecret, SecretError, SecretId, SecretMeta, StoredSecret};
 
 /// Records are named `<id>.sealed`.
 const RECORD_SUFFIX: &str = ".sealed";
@@ -266,8 +261,11 @@ fn read_record(path: &Path) -> io::Result<Vec<u8>> {
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
+    use secrecy::{ExposeSecret, SecretString};
+
     use super::*;
-    use crate::secret::SecretStore;
+    use crate::secret::record::MAGIC;
+    use crate::secret::{Credential, SecretKind, SecretStore};
 
     const PASSWORD: &str = "hunter2-Pa55word-marker";
     const JSON_KEY: &str =
