@@ -247,18 +247,23 @@ pub(crate) fn parse_project(value: &str) -> Result<String, OrderError> {
 }
 
 /// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`
-pub(crate) fn parse_dns_label(value: &str, field: &'static str) -> Result<String, OrderError> {
-    if value.is_empty() {
-        return Err(OrderError::Missing { field });
-    }
+pub(crate) fn is_dns_label(value: &str) -> bool {
     let bytes = value.as_bytes();
-    let ok = bytes.len() <= 63
+    !bytes.is_empty()
+        && bytes.len() <= 63
         && bytes
             .iter()
             .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'))
         && bytes.first() != Some(&b'-')
-        && bytes.last() != Some(&b'-');
-    if !ok {
+        && bytes.last() != Some(&b'-')
+}
+
+/// A DNS label, or INVALID_ARGUMENT naming `field`.
+pub(crate) fn parse_dns_label(value: &str, field: &'static str) -> Result<String, OrderError> {
+    if value.is_empty() {
+        return Err(OrderError::Missing { field });
+    }
+    if !is_dns_label(value) {
         return Err(OrderError::Invalid {
             field,
             reason: "must be a DNS label: [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",

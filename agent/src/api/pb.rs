@@ -1,5 +1,10 @@
 //! Generated code for the `berth.v1` protos (the only place for `allow`s).
-#![allow(missing_docs, clippy::all, missing_debug_implementations)]
+#![allow(
+    missing_docs,
+    clippy::all,
+    missing_debug_implementations,
+    rustdoc::invalid_html_tags
+)]
 
 tonic::include_proto!("berth.v1");
 

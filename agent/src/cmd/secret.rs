@@ -514,28 +514,9 @@ fn entry_credential(entry: &DockerAuthEntry) -> Result<(String, SecretString), E
     Err(EntryProblem::Empty)
 }
 
-/// `https://index.docker.io/v1/` -> `docker.io`; `https://Registry.Example.com:5000/x` ->
-/// `registry.example.com:5000`.
+/// The secret's server as the daemon will store it; empty when it is not a registry host.
 fn normalize_server(key: &str) -> String {
-    let trimmed = key.trim();
-    let without_scheme = ["https://", "http://"]
-        .iter()
-        .find_map(|scheme| {
-            trimmed
-                .get(..scheme.len())
-                .filter(|prefix| prefix.eq_ignore_ascii_case(scheme))
-                .map(|_| &trimmed[scheme.len()..])
-        })
-        .unwrap_or(trimmed);
-    let host = without_scheme
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
-        _ => host,
-    }
+    crate::secret::normalize_server(key.trim()).unwrap_or_default()
 }
 
 #[cfg(test)]

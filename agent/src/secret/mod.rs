@@ -22,6 +22,8 @@ use rand::Rng;
 use secrecy::SecretString;
 use tracing::instrument;
 
+use crate::order::is_dns_label;
+
 pub(crate) use self::file::FileStore;
 
 /// Longest accepted username, password or JSON key, in bytes.
@@ -274,10 +276,10 @@ impl SecretStore {
 /// Checks a create request and normalises its server.
 fn validate_new(new: NewSecret) -> Result<NewSecret, SecretError> {
     validate_project(&new.project)?;
-    if !is_dns_label(&new.name) {
+    if !is_secret_name(&new.name) {
         return Err(SecretError::Invalid {
             field: "name",
-            reason: "must be a DNS label: lower-case letters, digits and '-', at most 63",
+            reason: "use 1-253 of [a-z0-9.:_-], starting and ending with a letter or digit",
         });
     }
     let server = normalize_server(&new.server)?;
@@ -340,16 +342,19 @@ fn check_material(field: &'static str, value: &str) -> Result<(), SecretError> {
     }
 }
 
-/// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`
-pub(crate) fn is_dns_label(input: &str) -> bool {
+/// Secret names are DNS-label-like but may also be a registry host (`docker import` names
+/// secrets after their host): `[a-z0-9]([a-z0-9.:_-]{0,251}[a-z0-9])?`.
+pub(crate) fn is_secret_name(input: &str) -> bool {
     let bytes = input.as_bytes();
     let alphanumeric = |byte: &u8| byte.is_ascii_lowercase() || byte.is_ascii_digit();
     match (bytes.first(), bytes.last()) {
         (Some(first), Some(last)) => {
-            bytes.len() <= 63
+            bytes.len() <= 253
                 && alphanumeric(first)
                 && alphanumeric(last)
-                && bytes.iter().all(|byte| alphanumeric(byte) || *byte == b'-')
+                && bytes
+                    .iter()
+                    .all(|byte| alphanumeric(byte) || matches!(byte, b'-' | b'.' | b':' | b'_'))
         }
         _ => false,
     }
@@ -579,6 +584,16 @@ mod tests {
     }
 
     #[test]
+    fn secret_names_may_be_registry_hosts() {
+        for good in ["reg", "docker.io", "registry.example.com:5000", "a_b-c"] {
+            assert!(is_secret_name(good), "{good:?}");
+        }
+        for bad in ["", "-a", "a.", "A", "a b", "../x", "a/b", &"a".repeat(254)] {
+            assert!(!is_secret_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn dns_labels() {
         for good in ["a", "default", "team-a", "a1", "0", &"a".repeat(63)] {
             assert!(is_dns_label(good), "{good:?}");
@@ -638,7 +653,7 @@ mod tests {
             new(
                 SecretKind::Docker,
                 "p",
-                "bad_name",
+                "Bad Name",
                 "reg.example",
                 user_pass("u", password),
             ),
