@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::api::pb::agent_server::AgentServer;
 use crate::api::pb::secrets_server::SecretsServer;
 use crate::api::{pb, AgentService, SecretsService};
+use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::containerd::Containerd;
 use crate::pull::{Puller, RegistrySettings};
@@ -37,6 +38,8 @@ pub enum DaemonError {
     },
     #[error("opening the secret store")]
     Secrets(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("setting up the registry token client")]
+    Auth(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("setting up containerd's client")]
     Containerd(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("setting up the API server")]
@@ -84,6 +87,13 @@ pub async fn run(
             source,
         })?);
     }
+    let auth = Authenticator::new(&AuthSettings {
+        plain_http: config.registry.plain_http.clone(),
+        ca_pems: ca_pems.clone(),
+        connect_timeout: Duration::from_secs(config.registry.connect_timeout_seconds),
+        read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
+    })
+    .map_err(|err| DaemonError::Auth(Box::new(err)))?;
     let settings = RegistrySettings {
         plain_http: config.registry.plain_http.clone(),
         ca_pems,
@@ -102,7 +112,13 @@ pub async fn run(
         settings,
         Duration::from_secs(config.registry.pull_deadline_seconds),
     );
-    let runner = Runner::new(containerd.clone(), puller, secrets.clone(), logs_dir);
+    let runner = Runner::new(
+        containerd.clone(),
+        puller,
+        secrets.clone(),
+        Arc::new(auth),
+        logs_dir,
+    );
     let tasks = TaskTracker::new();
 
     let (health, health_service) = tonic_health::server::health_reporter();

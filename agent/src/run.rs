@@ -9,14 +9,15 @@ use std::time::{Duration, SystemTime};
 
 use oci_client::secrets::RegistryAuth;
 use sha2::{Digest as _, Sha256};
+use std::future::Future;
 use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
 use tracing::{info, instrument, warn};
 
-use crate::auth::{self, AuthError};
+use crate::auth::{AuthError, Authenticator};
 use crate::containerd::{ContainerRecord, Containerd, ContainerdError, NewContainer};
 use crate::order::{ImageRef, Order, OrderError, PullPolicy};
 use crate::pull::{PullError, PullProgress, PulledImage, Puller};
-use crate::secret::{SecretError, SecretId, SecretStore};
+use crate::secret::{SecretError, SecretId, SecretStore, StoredSecret};
 use crate::spec::{self, SpecError, SpecInput};
 
 const LABEL_PROJECT: &str = "berth.dev/project";
@@ -118,6 +119,7 @@ pub(crate) struct Runner {
     containerd: Containerd,
     puller: Puller,
     secrets: Arc<SecretStore>,
+    auth: Arc<Authenticator>,
     logs_dir: PathBuf,
     locks: Arc<KeyedLocks>,
 }
@@ -127,12 +129,14 @@ impl Runner {
         containerd: Containerd,
         puller: Puller,
         secrets: Arc<SecretStore>,
+        auth: Arc<Authenticator>,
         logs_dir: PathBuf,
     ) -> Self {
         Self {
             containerd,
             puller,
             secrets,
+            auth,
             logs_dir,
             locks: Arc::default(),
         }
@@ -165,12 +169,10 @@ impl Runner {
             });
         }
 
-        let (auth, secret_id) = self
-            .registry_auth(&order.project, order.pull_secret.as_deref(), &order.image)
+        let secret = self
+            .load_secret(&order.project, order.pull_secret.as_deref())
             .await?;
-        let image = self
-            .ensure_image(&order, auth, secret_id.as_deref())
-            .await?;
+        let image = self.ensure_image(&order, secret.as_ref()).await?;
 
         let spec = spec::build(&SpecInput {
             container_id: &id,
@@ -258,69 +260,94 @@ impl Runner {
         pull_secret: Option<&str>,
         progress: mpsc::Sender<PullProgress>,
     ) -> Result<PulledImage, RunError> {
-        let (auth, secret_id) = self.registry_auth(project, pull_secret, image).await?;
-        Ok(self
-            .puller
-            .pull(image, auth, secret_id.as_deref(), Some(progress))
-            .await?)
+        let secret = self.load_secret(project, pull_secret).await?;
+        let secret_id = secret.as_ref().map(|s| s.meta.id.to_string());
+        self.with_grant(secret.as_ref(), image, |auth| {
+            self.puller
+                .pull(image, auth, secret_id.as_deref(), Some(progress.clone()))
+        })
+        .await
     }
 
     /// Present and allowed, or pulled now, per the order's pull policy.
     async fn ensure_image(
         &self,
         order: &Order,
-        auth: RegistryAuth,
-        secret_id: Option<&str>,
+        secret: Option<&StoredSecret>,
     ) -> Result<PulledImage, RunError> {
-        let _image_guard = self
-            .locks
-            .lock(format!("image/{}", order.image.name()))
-            .await;
+        let image_ref = &order.image;
+        let secret_id = secret.map(|s| s.meta.id.to_string());
+        let _image_guard = self.locks.lock(format!("image/{}", image_ref.name())).await;
         if order.pull_policy != PullPolicy::Always {
-            if let Some(image) = self.puller.load(&order.image).await? {
+            if let Some(image) = self.puller.load(image_ref).await? {
                 if image.private {
                     // A cached private image starts only for an order whose credential the
                     // registry accepts for that repository now.
-                    if matches!(auth, RegistryAuth::Anonymous) {
+                    if secret.is_none() {
                         return Err(PullError::Denied {
-                            registry: order.image.registry().to_owned(),
-                            repository: order.image.repository().to_owned(),
+                            registry: image_ref.registry().to_owned(),
+                            repository: image_ref.repository().to_owned(),
                             secret: None,
                         }
                         .into());
                     }
-                    self.puller
-                        .check_access(&order.image, auth, secret_id)
-                        .await?;
+                    self.with_grant(secret, image_ref, |auth| {
+                        self.puller
+                            .check_access(image_ref, auth, secret_id.as_deref())
+                    })
+                    .await?;
                 }
                 return Ok(image);
             }
             if order.pull_policy == PullPolicy::Never {
                 return Err(RunError::ImageAbsent {
-                    image: order.image.to_string(),
+                    image: image_ref.to_string(),
                 });
             }
         }
-        Ok(self
-            .puller
-            .pull(&order.image, auth, secret_id, None)
-            .await?)
+        self.with_grant(secret, image_ref, |auth| {
+            self.puller
+                .pull(image_ref, auth, secret_id.as_deref(), None)
+        })
+        .await
     }
 
-    /// Looks the secret up within the project and turns it into registry authentication.
-    async fn registry_auth(
+    /// Runs `op` with registry authentication for `secret`; a cached token the registry
+    /// refuses is dropped and `op` runs once more with a fresh one.
+    async fn with_grant<T, F, Fut>(
+        &self,
+        secret: Option<&StoredSecret>,
+        image: &ImageRef,
+        op: F,
+    ) -> Result<T, RunError>
+    where
+        F: Fn(RegistryAuth) -> Fut,
+        Fut: Future<Output = Result<T, PullError>>,
+    {
+        let grant = self.auth.grant(secret, image).await?;
+        match op(grant.auth).await {
+            Err(PullError::Denied { .. }) if grant.cached => {
+                if let Some(secret) = secret {
+                    self.auth.forget(secret, image);
+                }
+                let fresh = self.auth.grant(secret, image).await?;
+                Ok(op(fresh.auth).await?)
+            }
+            result => Ok(result?),
+        }
+    }
+
+    /// The order's pull secret, looked up within its project.
+    async fn load_secret(
         &self,
         project: &str,
         pull_secret: Option<&str>,
-        image: &ImageRef,
-    ) -> Result<(RegistryAuth, Option<String>), RunError> {
+    ) -> Result<Option<StoredSecret>, RunError> {
         let Some(secret_ref) = pull_secret else {
-            return Ok((RegistryAuth::Anonymous, None));
+            return Ok(None);
         };
         let id = SecretId::parse(secret_ref)?;
-        let secret = self.secrets.get(project, &id).await?;
-        let auth = auth::registry_auth(&secret, image.registry())?;
-        Ok((auth, Some(id.to_string())))
+        Ok(Some(self.secrets.get(project, &id).await?))
     }
 
     async fn find_order(&self, order: &Order) -> Result<Option<ContainerView>, RunError> {

@@ -72,8 +72,13 @@ fn secret_code(err: &SecretError) -> Code {
 
 fn auth_code(err: &AuthError) -> Code {
     match err {
-        AuthError::WrongServer { .. } => Code::InvalidArgument,
-        AuthError::Unsupported { .. } => Code::FailedPrecondition,
+        AuthError::WrongServer { .. } | AuthError::Key { .. } => Code::InvalidArgument,
+        AuthError::Rejected { .. } | AuthError::Realm { .. } => Code::PermissionDenied,
+        AuthError::Unreachable { .. } | AuthError::TokenEndpointDown { .. } => Code::Unavailable,
+        AuthError::TokenResponse { .. }
+        | AuthError::Challenge { .. }
+        | AuthError::KeyUnusable { .. } => Code::FailedPrecondition,
+        AuthError::Client(_) => Code::Internal,
     }
 }
 

@@ -268,8 +268,18 @@ mod tests {
     use crate::secret::{Credential, SecretKind, SecretStore};
 
     const PASSWORD: &str = "hunter2-Pa55word-marker";
-    const JSON_KEY: &str =
-        r#"{"type":"service_account","private_key":"-----BEGIN PRIVATE KEY-----\nkey-marker\n"}"#;
+    /// A real service-account key (gar secrets are checked on create).
+    fn json_key() -> String {
+        crate::secret::gar_key::tests::key_json(
+            crate::secret::gar_key::tests::TEST_RSA_PEM,
+            "https://oauth2.googleapis.com/token",
+        )
+    }
+
+    /// A piece of the private key, to look for in sealed files.
+    fn key_marker() -> &'static str {
+        &crate::secret::gar_key::tests::TEST_RSA_PEM[40..80]
+    }
 
     struct Fixture {
         _temp: tempfile::TempDir,
@@ -310,7 +320,7 @@ mod tests {
             name: name.to_owned(),
             kind: SecretKind::Gar,
             server: "europe-docker.pkg.dev".to_owned(),
-            credential: Credential::JsonKey(SecretString::from(JSON_KEY)),
+            credential: Credential::JsonKey(SecretString::from(json_key())),
         }
     }
 
@@ -350,7 +360,7 @@ mod tests {
         let gar_meta = store.create(gar("team-a", "alpha")).await.unwrap();
         let stored_gar = store.get("team-a", &gar_meta.id).await.unwrap();
         match &stored_gar.credential {
-            Credential::JsonKey(key) => assert_eq!(key.expose_secret(), JSON_KEY),
+            Credential::JsonKey(key) => assert_eq!(key.expose_secret(), json_key()),
             Credential::UsernamePassword { .. } => panic!("wrong credential type"),
         }
         assert_eq!(stored_gar.meta.kind, SecretKind::Gar);
@@ -582,7 +592,7 @@ mod tests {
             assert!(bytes.starts_with(&MAGIC));
             for needle in [
                 PASSWORD,
-                "key-marker",
+                key_marker(),
                 "robot",
                 "reg.example",
                 "service_account",

@@ -10,6 +10,7 @@
 
 mod disk;
 pub(crate) mod file;
+pub(crate) mod gar_key;
 mod record;
 
 use std::fmt;
@@ -310,7 +311,13 @@ fn validate_credential(kind: SecretKind, credential: &Credential) -> Result<(), 
             check_material("password", password.expose_secret())
         }
         (SecretKind::Gar, Credential::JsonKey(json_key)) => {
-            check_material("json_key", json_key.expose_secret())
+            check_material("json_key", json_key.expose_secret())?;
+            gar_key::parse(json_key)
+                .map(drop)
+                .map_err(|err| SecretError::Invalid {
+                    field: "json_key",
+                    reason: err.reason,
+                })
         }
         (SecretKind::Docker | SecretKind::Acr, Credential::JsonKey(_)) => {
             Err(SecretError::Invalid {

@@ -1,0 +1,447 @@
+//! Registry authentication for one pull, from a stored credential.
+//!
+//! The registry's challenge decides: a Basic registry gets the credential (or a Google access
+//! token as `oauth2accesstoken`) on each request; a Bearer registry gets a token from its
+//! realm, asked for with Basic (docker, ACR service principal), the OAuth2 refresh grant (ACR
+//! refresh token, Docker identity token: the all-zero GUID username) or, for GAR, Basic with a
+//! Google access token. Tokens are cached in memory per (registry, repository, secret) until
+//! shortly before they expire; they are never written anywhere.
+
+mod challenge;
+mod google;
+mod realm;
+mod token;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use oci_client::secrets::RegistryAuth;
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::time::Instant;
+use tracing::{debug, instrument};
+
+use crate::order::ImageRef;
+use crate::secret::{gar_key, Credential, SecretKind, StoredSecret};
+use token::{Endpoint, Token};
+
+/// The username that marks the password as an OAuth2 refresh token (ACR; Docker identity tokens).
+pub(crate) const REFRESH_TOKEN_USERNAME: &str = "00000000-0000-0000-0000-000000000000";
+
+/// Why a credential could not be turned into registry access. Never carries material.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AuthError {
+    #[error("secret {secret} is for {server}, not for registry {registry}")]
+    WrongServer {
+        secret: String,
+        server: String,
+        registry: String,
+    },
+    #[error(
+        "registry {registry} refused the credential of secret {secret} for repository {repository}"
+    )]
+    Rejected {
+        registry: String,
+        repository: String,
+        secret: String,
+    },
+    #[error("token endpoint {host} is not reachable")]
+    Unreachable {
+        host: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("token endpoint {host} answered {status}")]
+    TokenEndpointDown { host: String, status: u16 },
+    #[error("token endpoint {host}: {reason}")]
+    TokenResponse { host: String, reason: &'static str },
+    #[error("registry {registry}: {reason}")]
+    Challenge {
+        registry: String,
+        reason: &'static str,
+    },
+    #[error(
+        "registry {registry} named a token realm berth will not send credentials to: {reason}"
+    )]
+    Realm {
+        registry: String,
+        reason: &'static str,
+    },
+    #[error("secret {secret} holds a service-account key that cannot sign")]
+    KeyUnusable { secret: String },
+    #[error("secret {secret} holds an invalid service-account key")]
+    Key {
+        secret: String,
+        #[source]
+        source: gar_key::KeyError,
+    },
+    #[error("setting up the token client")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Settings shared with the registry client: which hosts speak plain HTTP, which CAs to trust.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthSettings {
+    pub(crate) plain_http: Vec<String>,
+    pub(crate) ca_pems: Vec<Vec<u8>>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) read_timeout: Duration,
+}
+
+/// Registry authentication ready for one pull, and whether it came from the cache (a refused
+/// cached token is dropped and asked for again, once).
+#[derive(Debug)]
+pub(crate) struct Grant {
+    pub(crate) auth: RegistryAuth,
+    pub(crate) cached: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    registry: String,
+    repository: String,
+    secret: String,
+}
+
+#[derive(Debug)]
+struct Cached {
+    auth: CachedAuth,
+    expires_at: Instant,
+}
+
+#[derive(Debug)]
+enum CachedAuth {
+    Bearer(SecretString),
+    Basic(String, SecretString),
+}
+
+/// Turns stored credentials into registry authentication, with a token cache.
+#[derive(Debug)]
+pub(crate) struct Authenticator {
+    http: reqwest::Client,
+    plain_http: Vec<String>,
+    tokens: Mutex<HashMap<CacheKey, Cached>>,
+    google: Mutex<HashMap<String, Cached>>,
+}
+
+impl Authenticator {
+    pub(crate) fn new(settings: &AuthSettings) -> Result<Self, AuthError> {
+        let mut certificates = Vec::new();
+        for pem in &settings.ca_pems {
+            certificates
+                .extend(reqwest::Certificate::from_pem_bundle(pem).map_err(AuthError::Client)?);
+        }
+        let http = reqwest::Client::builder()
+            // Credentials go to the realm the registry named, never to where it redirects.
+            .redirect(reqwest::redirect::Policy::none())
+            .tls_certs_merge(certificates)
+            .connect_timeout(settings.connect_timeout)
+            .read_timeout(settings.read_timeout)
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(AuthError::Client)?;
+        Ok(Self {
+            http,
+            plain_http: settings.plain_http.clone(),
+            tokens: Mutex::default(),
+            google: Mutex::default(),
+        })
+    }
+
+    /// Registry authentication for pulling `image` with `secret` (anonymous without one).
+    #[instrument(skip_all, fields(image = %image, secret = secret.map(|s| s.meta.id.to_string()).unwrap_or_default()))]
+    pub(crate) async fn grant(
+        &self,
+        secret: Option<&StoredSecret>,
+        image: &ImageRef,
+    ) -> Result<Grant, AuthError> {
+        let Some(secret) = secret else {
+            return Ok(Grant {
+                auth: RegistryAuth::Anonymous,
+                cached: false,
+            });
+        };
+        let registry = image.registry();
+        if secret.meta.server != registry {
+            return Err(AuthError::WrongServer {
+                secret: secret.meta.id.to_string(),
+                server: secret.meta.server.clone(),
+                registry: registry.to_owned(),
+            });
+        }
+        let key = CacheKey {
+            registry: registry.to_owned(),
+            repository: image.repository().to_owned(),
+            secret: secret.meta.id.to_string(),
+        };
+        if let Some(auth) = lookup(&self.tokens, &key) {
+            debug!("registry token from cache");
+            return Ok(Grant { auth, cached: true });
+        }
+        let (auth, lifetime) = self.authenticate(secret, image).await?;
+        let auth = store(&self.tokens, key, auth, lifetime);
+        Ok(Grant {
+            auth,
+            cached: false,
+        })
+    }
+
+    /// Drops a cached token the registry refused.
+    pub(crate) fn forget(&self, secret: &StoredSecret, image: &ImageRef) {
+        let key = CacheKey {
+            registry: image.registry().to_owned(),
+            repository: image.repository().to_owned(),
+            secret: secret.meta.id.to_string(),
+        };
+        lock(&self.tokens).remove(&key);
+        lock(&self.google).remove(secret.meta.id.as_str());
+    }
+
+    async fn authenticate(
+        &self,
+        secret: &StoredSecret,
+        image: &ImageRef,
+    ) -> Result<(CachedAuth, Duration), AuthError> {
+        let registry = image.registry();
+        let secret_id = secret.meta.id.to_string();
+        let challenge = self.challenge(registry).await?;
+        let scope = format!("repository:{}:pull", image.repository());
+        // The credential presented to the registry or its realm as Basic, if any.
+        let (username, password) = match (&secret.meta.kind, &secret.credential) {
+            (
+                SecretKind::Docker | SecretKind::Acr,
+                Credential::UsernamePassword { username, password },
+            ) => (username.clone(), password.clone()),
+            (SecretKind::Gar, Credential::JsonKey(json)) => {
+                let access = self.google_access_token(&secret_id, json, image).await?;
+                (google::ACCESS_TOKEN_USERNAME.to_owned(), access)
+            }
+            _ => {
+                return Err(AuthError::KeyUnusable { secret: secret_id });
+            }
+        };
+        let Some(challenge) = challenge else {
+            // The registry asks for nothing: present the credential as Basic anyway.
+            return Ok((
+                CachedAuth::Basic(username, password),
+                Duration::from_secs(300),
+            ));
+        };
+        match challenge {
+            challenge::Challenge::Basic => Ok((
+                CachedAuth::Basic(username, password),
+                Duration::from_secs(300),
+            )),
+            challenge::Challenge::Bearer { realm, service } => {
+                let url = realm::check(&realm, registry, &self.plain_http)?;
+                let endpoint = Endpoint {
+                    url,
+                    registry,
+                    repository: image.repository(),
+                    secret: &secret_id,
+                };
+                let token: Token = if username == REFRESH_TOKEN_USERNAME {
+                    endpoint
+                        .post_refresh(&self.http, service.as_deref(), &scope, &password)
+                        .await?
+                } else {
+                    endpoint
+                        .get_with_basic(
+                            &self.http,
+                            service.as_deref(),
+                            &scope,
+                            &username,
+                            &password,
+                        )
+                        .await?
+                };
+                debug!(
+                    lifetime_seconds = token.lifetime.as_secs(),
+                    "registry token issued"
+                );
+                Ok((CachedAuth::Bearer(token.value), token.lifetime))
+            }
+        }
+    }
+
+    /// Asks the registry what it wants: None when `/v2/` answers without a challenge.
+    async fn challenge(&self, registry: &str) -> Result<Option<challenge::Challenge>, AuthError> {
+        let scheme = if self.plain_http.iter().any(|host| host == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let host = if registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            registry
+        };
+        let url = format!("{scheme}://{host}/v2/");
+        let response =
+            self.http
+                .get(&url)
+                .send()
+                .await
+                .map_err(|source| AuthError::Unreachable {
+                    host: registry.to_owned(),
+                    source,
+                })?;
+        if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return Ok(None);
+        }
+        let header = response
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|value| value.to_str().ok())
+            .ok_or_else(|| AuthError::Challenge {
+                registry: registry.to_owned(),
+                reason: "401 without a WWW-Authenticate challenge",
+            })?;
+        challenge::parse(header)
+            .map(Some)
+            .map_err(|_| AuthError::Challenge {
+                registry: registry.to_owned(),
+                reason: "its WWW-Authenticate header does not parse",
+            })
+    }
+
+    /// A Google access token for the key in `json`, cached per secret.
+    async fn google_access_token(
+        &self,
+        secret_id: &str,
+        json: &SecretString,
+        image: &ImageRef,
+    ) -> Result<SecretString, AuthError> {
+        if let Some(CachedAuth::Bearer(token)) = lookup_raw(&self.google, secret_id) {
+            return Ok(token);
+        }
+        let key = gar_key::parse(json).map_err(|source| AuthError::Key {
+            secret: secret_id.to_owned(),
+            source,
+        })?;
+        let url = reqwest::Url::parse(&key.token_uri).map_err(|_| AuthError::KeyUnusable {
+            secret: secret_id.to_owned(),
+        })?;
+        let assertion = google::assertion(&key, secret_id, SystemTime::now())?;
+        let endpoint = Endpoint {
+            url,
+            registry: image.registry(),
+            repository: image.repository(),
+            secret: secret_id,
+        };
+        let token = endpoint.post_jwt_assertion(&self.http, &assertion).await?;
+        let value = token.value.clone();
+        lock(&self.google).insert(
+            secret_id.to_owned(),
+            Cached {
+                auth: CachedAuth::Bearer(token.value),
+                expires_at: expiry(token.lifetime),
+            },
+        );
+        Ok(value)
+    }
+}
+
+fn lock<K, V>(map: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+    map.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Cached entries are used until shortly before they expire: a tenth of their life, at most 30 s.
+fn expiry(lifetime: Duration) -> Instant {
+    let margin = (lifetime / 10).min(Duration::from_secs(30));
+    Instant::now() + lifetime.saturating_sub(margin)
+}
+
+fn lookup(map: &Mutex<HashMap<CacheKey, Cached>>, key: &CacheKey) -> Option<RegistryAuth> {
+    let mut map = lock(map);
+    map.retain(|_, cached| cached.expires_at > Instant::now());
+    map.get(key).map(|cached| to_registry_auth(&cached.auth))
+}
+
+fn lookup_raw(map: &Mutex<HashMap<String, Cached>>, key: &str) -> Option<CachedAuth> {
+    let mut map = lock(map);
+    map.retain(|_, cached| cached.expires_at > Instant::now());
+    map.get(key).map(|cached| match &cached.auth {
+        CachedAuth::Bearer(token) => CachedAuth::Bearer(token.clone()),
+        CachedAuth::Basic(user, password) => CachedAuth::Basic(user.clone(), password.clone()),
+    })
+}
+
+fn store(
+    map: &Mutex<HashMap<CacheKey, Cached>>,
+    key: CacheKey,
+    auth: CachedAuth,
+    lifetime: Duration,
+) -> RegistryAuth {
+    let result = to_registry_auth(&auth);
+    lock(map).insert(
+        key,
+        Cached {
+            auth,
+            expires_at: expiry(lifetime),
+        },
+    );
+    result
+}
+
+/// oci-client takes plain strings; the copy lives as long as the pull's client.
+fn to_registry_auth(auth: &CachedAuth) -> RegistryAuth {
+    match auth {
+        CachedAuth::Bearer(token) => RegistryAuth::Bearer(token.expose_secret().to_owned()),
+        CachedAuth::Basic(username, password) => {
+            RegistryAuth::Basic(username.clone(), password.expose_secret().to_owned())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> CacheKey {
+        CacheKey {
+            registry: "r".into(),
+            repository: "a/b".into(),
+            secret: "secret-x".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cached_tokens_expire_shortly_before_their_lifetime() {
+        let map = Mutex::default();
+        store(
+            &map,
+            key(),
+            CachedAuth::Bearer(SecretString::from("t")),
+            Duration::from_secs(300),
+        );
+        tokio::time::advance(Duration::from_secs(269)).await;
+        assert!(matches!(lookup(&map, &key()), Some(RegistryAuth::Bearer(t)) if t == "t"));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            lookup(&map, &key()).is_none(),
+            "300 s token is dropped 30 s early"
+        );
+
+        store(
+            &map,
+            key(),
+            CachedAuth::Bearer(SecretString::from("t")),
+            Duration::from_secs(60),
+        );
+        tokio::time::advance(Duration::from_secs(53)).await;
+        assert!(lookup(&map, &key()).is_some());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            lookup(&map, &key()).is_none(),
+            "60 s token is dropped 6 s early"
+        );
+    }
+
+    #[test]
+    fn cached_auth_debug_is_redacted() {
+        let auth = CachedAuth::Basic("u".into(), SecretString::from("zzpasszz"));
+        assert!(!format!("{auth:?}").contains("zzpasszz"));
+    }
+}
