@@ -100,6 +100,7 @@ pub async fn run(
         connect_timeout: Duration::from_secs(config.registry.connect_timeout_seconds),
         read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
         max_concurrent_downloads: config.registry.max_concurrent_downloads,
+        retries: config.registry.retries,
     };
     let containerd = Containerd::new(
         &config.containerd.socket,

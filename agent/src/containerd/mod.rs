@@ -11,7 +11,7 @@ mod task;
 
 pub(crate) use client::Containerd;
 pub(crate) use container::{ContainerRecord, NewContainer};
-pub(crate) use content::OpenedBlob;
+pub(crate) use content::{BlobWriter, OpenedBlob};
 pub(crate) use image::{chain_ids, UnpackLayer};
 pub(crate) use lease::Lease;
 

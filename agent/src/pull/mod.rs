@@ -2,6 +2,7 @@
 //! verify every byte while streaming it into containerd, unpack, and only then write the image
 //! record. A failed pull leaves no image record.
 
+mod blob;
 pub(crate) mod manifest;
 pub(crate) mod registry;
 pub(crate) mod verify;
@@ -13,14 +14,14 @@ use std::time::Duration;
 use futures::{StreamExt as _, TryStreamExt as _};
 use oci_client::secrets::RegistryAuth;
 use tokio::sync::mpsc;
-use tracing::{debug, info, instrument};
+use tracing::{info, instrument};
 
-use crate::containerd::{Containerd, ContainerdError, Lease, OpenedBlob, UnpackLayer};
+use crate::containerd::{Containerd, ContainerdError, Lease, UnpackLayer};
 use crate::order::ImageRef;
 use manifest::{Descriptor, Manifest, Parsed};
 pub(crate) use registry::RegistrySettings;
 use registry::Session;
-use verify::{Mismatch, Verifier};
+use verify::Mismatch;
 
 /// Largest manifest, index or image config berth reads.
 const MAX_DOCUMENT: u64 = 4 << 20;
@@ -93,6 +94,32 @@ pub(crate) enum PullError {
         #[source]
         source: ContainerdError,
     },
+}
+
+impl PullError {
+    /// Worth another attempt: the registry was unreachable, overloaded or failing (5xx, 429).
+    pub(crate) fn is_retryable(&self) -> bool {
+        matches!(self, PullError::Unreachable { .. })
+    }
+}
+
+/// Runs `op` up to `attempts` times while it fails with a retryable error.
+async fn retry<T, F, Fut>(attempts: u32, mut op: F) -> Result<T, PullError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, PullError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(err) if err.is_retryable() && attempt < attempts => {
+                tracing::warn!(attempt, error = %err, "registry request failed; retrying");
+                tokio::time::sleep(blob::backoff(attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 fn secret_suffix(secret: &Option<String>) -> String {
@@ -179,8 +206,13 @@ impl Puller {
         private: bool,
         progress: Option<mpsc::Sender<PullProgress>>,
     ) -> Result<PulledImage, PullError> {
-        let session = Session::open(&self.settings, image, auth, secret_id).await?;
-        let (top_bytes, top_digest) = session.manifest(image.reference()).await?;
+        let attempts = self.settings.retries;
+        let session = retry(attempts, || {
+            Session::open(&self.settings, image, auth.clone(), secret_id)
+        })
+        .await?;
+        let (top_bytes, top_digest) =
+            retry(attempts, || session.manifest(image.reference())).await?;
         let unsupported = |reason| PullError::Unsupported {
             image: image.to_string(),
             reason,
@@ -204,9 +236,8 @@ impl Puller {
                         })?
                         .clone();
                     manifest::check_digest(&entry.digest).map_err(unsupported)?;
-                    let (bytes, digest) = session
-                        .manifest(&session.reference_with_digest(&entry.digest))
-                        .await?;
+                    let child = session.reference_with_digest(&entry.digest);
+                    let (bytes, digest) = retry(attempts, || session.manifest(&child)).await?;
                     verify::verify_bytes(&entry.digest, Some(entry.size), &bytes).map_err(
                         |source| PullError::Mismatch {
                             image: image.to_string(),
@@ -422,118 +453,11 @@ impl Puller {
             .map_err(containerd_err)?;
         Ok((config, top_chain_id))
     }
-
-    #[instrument(skip_all, fields(digest = %desc.digest, size = desc.size))]
-    async fn fetch_blob(
-        &self,
-        image: &ImageRef,
-        session: &Session,
-        lease: &Lease,
-        desc: &Descriptor,
-        source_label: &(String, String),
-        progress: &Option<mpsc::Sender<PullProgress>>,
-    ) -> Result<(), PullError> {
-        let containerd_err = |source| PullError::Containerd {
-            image: image.to_string(),
-            source,
-        };
-        let mismatch = |source| PullError::Mismatch {
-            image: image.to_string(),
-            source,
-        };
-        let labels = HashMap::from([source_label.clone()]);
-        let reference = format!("berth-blob-{}", desc.digest);
-        let mut writer = match self
-            .containerd
-            .open_blob(lease, &reference, &desc.digest, desc.size)
-            .await
-            .map_err(containerd_err)?
-        {
-            OpenedBlob::Present => {
-                debug!("blob already in containerd");
-                self.containerd
-                    .update_content_labels(&desc.digest, labels)
-                    .await
-                    .map_err(containerd_err)?;
-                send(progress, layer_progress(desc, desc.size, true)).await;
-                return Ok(());
-            }
-            OpenedBlob::Writer(writer) => writer,
-        };
-        if writer.offset() == desc.size {
-            // Complete already (an earlier attempt, or shared from another namespace):
-            // containerd re-hashes it at commit.
-            writer.commit(labels).await.map_err(containerd_err)?;
-            send(progress, layer_progress(desc, desc.size, true)).await;
-            return Ok(());
-        }
-        // A partial ingest from an earlier attempt is started over; the whole blob is verified.
-        writer.restart();
-        let mut stream = session.blob(desc).await?;
-        let mut verifier = Verifier::new(&desc.digest, desc.size);
-        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK);
-        let mut last_report = 0u64;
-        let outcome: Result<(), PullError> = async {
-            loop {
-                let chunk = match stream.next().await {
-                    Some(Ok(chunk)) => chunk,
-                    None => break,
-                    Some(Err(err)) => {
-                        // oci-client checks the digest at the end of a full response too; our
-                        // own check gives the precise answer when every byte arrived.
-                        if verifier.seen() == desc.size {
-                            break;
-                        }
-                        return Err(PullError::Unreachable {
-                            registry: image.registry().to_owned(),
-                            source: Box::new(err),
-                        });
-                    }
-                };
-                verifier.update(&chunk).map_err(mismatch)?;
-                buffer.extend_from_slice(&chunk);
-                if buffer.len() >= CHUNK {
-                    writer
-                        .write(std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK)))
-                        .await
-                        .map_err(containerd_err)?;
-                }
-                if verifier.seen() - last_report >= PROGRESS_STEP {
-                    last_report = verifier.seen();
-                    send(progress, layer_progress(desc, last_report, false)).await;
-                }
-            }
-            verifier.finish().map_err(mismatch)?;
-            if !buffer.is_empty() {
-                writer
-                    .write(std::mem::take(&mut buffer))
-                    .await
-                    .map_err(containerd_err)?;
-            }
-            Ok(())
-        }
-        .await;
-        match outcome {
-            Ok(()) => {
-                writer.commit(labels).await.map_err(containerd_err)?;
-                send(progress, layer_progress(desc, desc.size, false)).await;
-                Ok(())
-            }
-            Err(err) => {
-                writer.abort().await.ok();
-                Err(err)
-            }
-        }
-    }
 }
 
 type BlobFetch<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PullError>> + Send + 'a>>;
 
-/// Size of containerd WRITE messages.
-const CHUNK: usize = 1 << 20;
-/// Progress is reported at most every this many bytes per blob.
-const PROGRESS_STEP: u64 = 4 << 20;
 const DOCKER_LIST_NEEDLE: &[u8] = manifest::DOCKER_LIST.as_bytes();
 
 /// What `store` writes besides the blobs.
@@ -668,8 +592,14 @@ impl Puller {
         secret_id: Option<&str>,
     ) -> Result<(), PullError> {
         let work = async {
-            let session = Session::open(&self.settings, image, auth, secret_id).await?;
-            session.manifest(image.reference()).await.map(|_| ())
+            let attempts = self.settings.retries;
+            let session = retry(attempts, || {
+                Session::open(&self.settings, image, auth.clone(), secret_id)
+            })
+            .await?;
+            retry(attempts, || session.manifest(image.reference()))
+                .await
+                .map(|_| ())
         };
         tokio::time::timeout(
             self.settings.read_timeout + self.settings.connect_timeout,

@@ -26,6 +26,8 @@ pub(crate) struct RegistrySettings {
     pub(crate) connect_timeout: Duration,
     pub(crate) read_timeout: Duration,
     pub(crate) max_concurrent_downloads: usize,
+    /// Attempts per request (connection errors, timeouts, 429 and 5xx are retried).
+    pub(crate) retries: u32,
 }
 
 /// One authenticated conversation with a registry about one repository.
@@ -98,11 +100,14 @@ impl Session {
         Ok((body, digest))
     }
 
-    /// Opens the blob of `desc` as a byte stream (not yet verified: the caller verifies).
+    /// Opens the blob of `desc` from byte `offset` (not yet verified: the caller verifies).
+    /// Returns the stream and whether it starts at `offset` (false: the registry ignored the
+    /// Range and sends the whole blob).
     pub(crate) async fn blob(
         &self,
         desc: &Descriptor,
-    ) -> Result<BoxStream<'static, std::io::Result<Bytes>>, PullError> {
+        offset: u64,
+    ) -> Result<(BoxStream<'static, std::io::Result<Bytes>>, bool), PullError> {
         let layer = oci_client::manifest::OciDescriptor {
             media_type: desc.media_type.clone(),
             digest: desc.digest.clone(),
@@ -111,15 +116,14 @@ impl Session {
             annotations: None,
             artifact_type: None,
         };
-        // A Range from byte 0 makes most registries answer 206; either way the bytes are
-        // verified by the caller, not trusted.
         let response = self
             .client
-            .pull_blob_stream_partial(self.image.reference(), &layer, 0, None)
+            .pull_blob_stream_partial(self.image.reference(), &layer, offset, None)
             .await
             .map_err(|err| self.classify(err))?;
         Ok(match response {
-            BlobResponse::Full(sized) | BlobResponse::Partial(sized) => sized.stream,
+            BlobResponse::Full(sized) => (sized.stream, offset == 0),
+            BlobResponse::Partial(sized) => (sized.stream, true),
         })
     }
 
@@ -164,6 +168,14 @@ impl Session {
                     }
                 } else if codes
                     .iter()
+                    .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
+                {
+                    PullError::Unreachable {
+                        registry,
+                        source: Box::new(err),
+                    }
+                } else if codes
+                    .iter()
                     .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
                 {
                     PullError::Denied {
@@ -187,7 +199,7 @@ impl Session {
                 repository,
                 secret,
             },
-            OciDistributionError::ServerError { code, .. } if *code >= 500 => {
+            OciDistributionError::ServerError { code, .. } if *code >= 500 || *code == 429 => {
                 PullError::Unreachable {
                     registry,
                     source: Box::new(err),

@@ -1,0 +1,240 @@
+//! One blob from the registry into containerd's content store: verified while it streams,
+//! resumed with a Range request after a cut, retried with backoff, committed only when whole.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use rand::Rng as _;
+use tracing::{debug, instrument, warn};
+
+use super::manifest::Descriptor;
+use super::registry::Session;
+use super::verify::Verifier;
+use super::{layer_progress, send, PullError, PullProgress, Puller};
+use crate::containerd::{ContainerdError, Lease, OpenedBlob};
+use crate::order::ImageRef;
+
+/// Size of containerd WRITE messages.
+const CHUNK: usize = 1 << 20;
+/// Progress is reported at most every this many bytes per blob.
+const PROGRESS_STEP: u64 = 4 << 20;
+/// First retry delay; doubled per attempt up to [`MAX_BACKOFF`], with jitter.
+const BASE_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+/// How one streaming attempt ended badly.
+enum Failure {
+    /// Worth another attempt (connection cut, timeout, 5xx, 429): resume where it stopped.
+    Retry(PullError),
+    /// Final: verification failed, or containerd refused.
+    Fatal(PullError),
+}
+
+impl Puller {
+    #[instrument(skip_all, fields(digest = %desc.digest, size = desc.size))]
+    pub(super) async fn fetch_blob(
+        &self,
+        image: &ImageRef,
+        session: &Session,
+        lease: &Lease,
+        desc: &Descriptor,
+        source_label: &(String, String),
+        progress: &Option<tokio::sync::mpsc::Sender<PullProgress>>,
+    ) -> Result<(), PullError> {
+        let containerd_err = |source| PullError::Containerd {
+            image: image.to_string(),
+            source,
+        };
+        let labels = HashMap::from([source_label.clone()]);
+        let reference = format!("berth-blob-{}", desc.digest);
+        let mut writer = match self
+            .containerd
+            .open_blob(lease, &reference, &desc.digest, desc.size)
+            .await
+            .map_err(containerd_err)?
+        {
+            OpenedBlob::Present => {
+                debug!("blob already in containerd");
+                self.containerd
+                    .update_content_labels(&desc.digest, labels)
+                    .await
+                    .map_err(containerd_err)?;
+                send(progress, layer_progress(desc, desc.size, true)).await;
+                return Ok(());
+            }
+            OpenedBlob::Writer(writer) => writer,
+        };
+        // A partial ingest left by an earlier attempt (or a killed berthd) is resumed: the
+        // bytes it holds are not fetched again, and containerd re-hashes the whole blob
+        // against its digest at commit.
+        let mut verifier = Verifier::resume(&desc.digest, desc.size, writer.offset());
+        if writer.offset() > 0 {
+            debug!(offset = writer.offset(), "resuming a partial ingest");
+        }
+        let mut attempt = 1;
+        let mut last_report = 0u64;
+        while verifier.seen() < desc.size {
+            let outcome = self
+                .stream_once(
+                    image,
+                    session,
+                    desc,
+                    &mut writer,
+                    &mut verifier,
+                    progress,
+                    &mut last_report,
+                )
+                .await;
+            match outcome {
+                Ok(()) => break,
+                Err(Failure::Retry(err)) if attempt < self.settings.retries => {
+                    warn!(attempt, offset = verifier.seen(), error = %err, "blob fetch interrupted; resuming");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(Failure::Retry(err)) => {
+                    // Keep the partial ingest: the next order resumes from it.
+                    return Err(err);
+                }
+                Err(Failure::Fatal(err)) => {
+                    writer.abort().await.ok();
+                    return Err(err);
+                }
+            }
+        }
+        if let Err(source) = verifier.finish() {
+            writer.abort().await.ok();
+            return Err(PullError::Mismatch {
+                image: image.to_string(),
+                source,
+            });
+        }
+        match writer.commit(labels).await {
+            Ok(()) => {}
+            Err(err) if err.code() == Some(tonic::Code::FailedPrecondition) => {
+                // containerd's own size/digest check at commit failed (a resumed ingest).
+                self.containerd.abort_ingest(&reference).await.ok();
+                return Err(PullError::Mismatch {
+                    image: image.to_string(),
+                    source: super::verify::Mismatch::Digest {
+                        digest: desc.digest.clone(),
+                        actual: "another digest (checked by containerd at commit)".to_owned(),
+                    },
+                });
+            }
+            Err(err) => return Err(containerd_err(err)),
+        }
+        send(progress, layer_progress(desc, desc.size, false)).await;
+        Ok(())
+    }
+
+    /// One GET of the blob from the verifier's offset, streamed into the ingest.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_once(
+        &self,
+        image: &ImageRef,
+        session: &Session,
+        desc: &Descriptor,
+        writer: &mut crate::containerd::BlobWriter,
+        verifier: &mut Verifier,
+        progress: &Option<tokio::sync::mpsc::Sender<PullProgress>>,
+        last_report: &mut u64,
+    ) -> Result<(), Failure> {
+        let containerd_err = |source: ContainerdError| {
+            Failure::Fatal(PullError::Containerd {
+                image: image.to_string(),
+                source,
+            })
+        };
+        let offset = verifier.seen();
+        let (mut stream, from_offset) = session.blob(desc, offset).await.map_err(classify)?;
+        if !from_offset && offset > 0 {
+            // The registry ignored the Range: start this blob over.
+            debug!("registry ignored the range request; restarting the blob");
+            writer.restart();
+            *verifier = Verifier::new(&desc.digest, desc.size);
+        }
+        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK);
+        let result = loop {
+            match stream.next().await {
+                Some(Ok(chunk)) => {
+                    if let Err(source) = verifier.update(&chunk) {
+                        return Err(Failure::Fatal(PullError::Mismatch {
+                            image: image.to_string(),
+                            source,
+                        }));
+                    }
+                    buffer.extend_from_slice(&chunk);
+                    if buffer.len() >= CHUNK {
+                        let full = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK));
+                        writer.write(full).await.map_err(containerd_err)?;
+                    }
+                    if verifier.seen() - *last_report >= PROGRESS_STEP {
+                        *last_report = verifier.seen();
+                        send(progress, layer_progress(desc, *last_report, false)).await;
+                    }
+                }
+                None => break Ok(()),
+                // oci-client checks the digest at the end of a full response too; when every
+                // byte arrived our own check gives the precise answer.
+                Some(Err(_)) if verifier.seen() == desc.size => break Ok(()),
+                Some(Err(err)) => {
+                    break Err(Failure::Retry(PullError::Unreachable {
+                        registry: image.registry().to_owned(),
+                        source: Box::new(err),
+                    }))
+                }
+            }
+        };
+        // What arrived is kept, so a retry resumes exactly where the ingest ends.
+        if !buffer.is_empty() {
+            writer.write(buffer).await.map_err(containerd_err)?;
+        }
+        match result {
+            Ok(()) if verifier.seen() < desc.size => Err(Failure::Retry(PullError::Unreachable {
+                registry: image.registry().to_owned(),
+                source: "the blob response ended early".into(),
+            })),
+            other => other,
+        }
+    }
+}
+
+fn classify(err: PullError) -> Failure {
+    if err.is_retryable() {
+        Failure::Retry(err)
+    } else {
+        Failure::Fatal(err)
+    }
+}
+
+/// Exponential backoff with jitter: 200 ms, 400 ms, ... up to 8 s, each between half and all
+/// of that.
+pub(super) fn backoff(attempt: u32) -> Duration {
+    let full = BASE_BACKOFF
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF);
+    let jitter = rand::rng().random_range(0.5..=1.0);
+    full.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 1..20 {
+            let delay = backoff(attempt);
+            let full = BASE_BACKOFF
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(MAX_BACKOFF);
+            assert!(
+                delay <= full && delay >= full / 2,
+                "attempt {attempt}: {delay:?}"
+            );
+        }
+        assert!(backoff(30) <= MAX_BACKOFF);
+    }
+}
