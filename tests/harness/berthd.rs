@@ -1,0 +1,276 @@
+//! The real `berthd` and `berth` binaries: a daemon per test on a temp unix socket, and the CLI.
+//!
+//! The binaries are looked up next to the test executable (`target/debug/deps/integration-*` ->
+//! `target/debug/`), or in `$BERTH_BIN_DIR`. Build them first: `cargo build -p berth --bins`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use berth::api::pb::agent_client::AgentClient;
+use berth::api::pb::secrets_client::SecretsClient;
+use tempfile::TempDir;
+use tokio::io::AsyncWriteExt as _;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use super::ca::TestCa;
+use super::containerd::Containerd;
+use super::grpc::{connect_unix, health};
+use super::process::Daemon;
+use super::temp_dir;
+use super::wait::{wait_for, STARTUP_TIMEOUT};
+
+/// Overrides where `berthd` and `berth` are found.
+const BIN_DIR_VARIABLE: &str = "BERTH_BIN_DIR";
+
+/// Upper bound on one CLI run.
+const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The dir holding `berthd` and `berth`.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(BIN_DIR_VARIABLE) {
+        return Ok(PathBuf::from(dir));
+    }
+    let executable = std::env::current_exe().context("locating the test executable")?;
+    // .../target/debug/deps/integration-<hash> -> .../target/debug
+    executable
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_owned)
+        .with_context(|| format!("no target dir above {}", executable.display()))
+}
+
+/// The path of the binary `name`, failing loudly (with the build command) when it is missing.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build -p berth --bins` (or set {BIN_DIR_VARIABLE})",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// What varies between tests' daemons.
+#[derive(Debug, Clone, Default)]
+pub struct BerthdOptions {
+    /// `[registry] plain_http`: hosts spoken to over plain HTTP (the corrupting proxies).
+    pub plain_http: Vec<String>,
+}
+
+/// A running berthd.
+#[derive(Debug)]
+pub struct Berthd {
+    daemon: Daemon,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    config_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Berthd {
+    /// Writes a config for `containerd` (its socket and namespace) trusting `ca`, starts berthd
+    /// with `BERTH_LOG=debug`, and waits until its health check answers SERVING.
+    pub async fn start(
+        containerd: &Containerd,
+        ca: &TestCa,
+        options: &BerthdOptions,
+    ) -> anyhow::Result<Self> {
+        let berthd = binary("berthd")?;
+        let dir = temp_dir("berthd")?;
+        let socket = dir.path().join("berthd.sock");
+        let state_dir = dir.path().join("state");
+        let config_path = dir.path().join("berthd.toml");
+        let config = config_toml(&ConfigPaths {
+            socket: &socket,
+            state_dir: &state_dir,
+            key_file: &dir.path().join("secrets.key"),
+            containerd_socket: containerd.socket(),
+            namespace: containerd.namespace(),
+            ca_file: ca.ca_pem_path(),
+            plain_http: &options.plain_http,
+        })?;
+        std::fs::write(&config_path, config)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+
+        let mut command = Command::new(&berthd);
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .env("BERTH_LOG", "debug")
+            .env_remove("RUST_LOG");
+        let daemon = Daemon::spawn("berthd", command, &dir.path().join("berthd.log"))?;
+        let berthd = Self {
+            daemon,
+            socket,
+            state_dir,
+            config_path,
+            _dir: dir,
+        };
+        wait_for(
+            "berthd's health check to answer SERVING",
+            STARTUP_TIMEOUT,
+            || {
+                let berthd = &berthd;
+                async move {
+                    berthd.daemon.ensure_running()?;
+                    if !berthd.socket.exists() {
+                        return Ok(None);
+                    }
+                    let Ok(channel) = connect_unix(&berthd.socket).await else {
+                        return Ok(None);
+                    };
+                    Ok(match health(channel).await {
+                        Ok(ServingStatus::Serving) => Some(()),
+                        _ => None,
+                    })
+                }
+            },
+        )
+        .await
+        .with_context(|| format!("berthd log:\n{}", berthd.daemon.log_tail()))?;
+        Ok(berthd)
+    }
+
+    /// The gRPC unix socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Everything berthd wrote to stdout and stderr (debug level).
+    pub fn log_text(&self) -> String {
+        self.daemon.log_text()
+    }
+
+    /// The last few KiB of the log, for assertion messages.
+    pub fn log_tail(&self) -> String {
+        self.daemon.log_tail()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.daemon.log_path()
+    }
+
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        connect_unix(&self.socket).await
+    }
+
+    pub async fn agent(&self) -> anyhow::Result<AgentClient<Channel>> {
+        Ok(AgentClient::new(self.channel().await?))
+    }
+
+    pub async fn secrets(&self) -> anyhow::Result<SecretsClient<Channel>> {
+        Ok(SecretsClient::new(self.channel().await?))
+    }
+
+    /// The server-wide health status.
+    pub async fn health(&self) -> anyhow::Result<ServingStatus> {
+        health(self.channel().await?).await
+    }
+
+    /// `berth --socket <sock> ARGS...`, with `stdin` fed to it when given.
+    pub async fn cli(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
+        let berth = binary("berth")?;
+        let mut command = tokio::process::Command::new(&berth);
+        command
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawning berth {args:?}"))?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())
+                .await
+                .context("writing the CLI's stdin")?;
+            drop(pipe);
+        }
+        tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output())
+            .await
+            .with_context(|| format!("berth {args:?} timed out"))?
+            .with_context(|| format!("running berth {args:?}"))
+    }
+
+    /// [`Self::cli`] that must succeed; returns stdout.
+    pub async fn cli_ok(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        let output = self.cli(args, stdin).await?;
+        if !output.status.success() {
+            bail!(
+                "berth {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+struct ConfigPaths<'a> {
+    socket: &'a Path,
+    state_dir: &'a Path,
+    key_file: &'a Path,
+    containerd_socket: &'a Path,
+    namespace: &'a str,
+    ca_file: &'a Path,
+    plain_http: &'a [String],
+}
+
+/// A TOML basic string (a JSON string is one).
+fn toml_string(value: &str) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(value)?)
+}
+
+fn toml_path(path: &Path) -> anyhow::Result<String> {
+    toml_string(&path.to_string_lossy())
+}
+
+fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
+    let plain_http = paths
+        .plain_http
+        .iter()
+        .map(|host| toml_string(host))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .join(", ");
+    Ok(format!(
+        "listen = {listen}\n\
+         state_dir = {state_dir}\n\
+         \n\
+         [containerd]\n\
+         socket = {containerd_socket}\n\
+         namespace = {namespace}\n\
+         \n\
+         [secrets]\n\
+         backend = \"file\"\n\
+         key_file = {key_file}\n\
+         \n\
+         [registry]\n\
+         ca_files = [{ca_file}]\n\
+         plain_http = [{plain_http}]\n",
+        listen = toml_string(&format!("unix://{}", paths.socket.display()))?,
+        state_dir = toml_path(paths.state_dir)?,
+        containerd_socket = toml_path(paths.containerd_socket)?,
+        namespace = toml_string(paths.namespace)?,
+        key_file = toml_path(paths.key_file)?,
+        ca_file = toml_path(paths.ca_file)?,
+    ))
+}

@@ -1,0 +1,256 @@
+//! One end-to-end environment: CA, containerd, a registry (htpasswd or token auth, optionally behind
+//! the corrupting proxy) and berthd, plus the few steps every product test takes.
+//!
+//! Fields drop in declaration order: berthd first, containerd (which removes its workloads) after
+//! every registry piece, the CA and scratch dir last.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+use berth::api::pb::create_secret_request::Credential;
+use berth::api::pb::{
+    Container, ContainerSpec, ContainerState, CreateSecretRequest, DockerCredential,
+    GetContainerRequest, StartContainerRequest,
+};
+use tempfile::TempDir;
+
+use super::berthd::{Berthd, BerthdOptions};
+use super::ca::TestCa;
+use super::containerd::Containerd;
+use super::credentials::RegistryUser;
+use super::image::{push_image, PushedImage, TestImage};
+use super::proxy::CorruptingProxy;
+use super::registry::Registry;
+use super::token_server::{Grants, TokenServer};
+use super::wait::{wait_for, ORDER_TIMEOUT};
+use super::{random_lowercase, temp_dir};
+
+/// How the registry authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryKind {
+    /// `auth.htpasswd`: Basic on every request.
+    Htpasswd,
+    /// `auth.token` with our token server: Bearer tokens.
+    Token,
+}
+
+/// What else the environment has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnvOptions {
+    /// A [`CorruptingProxy`] in front of the registry, in berthd's `plain_http`.
+    pub corrupting_proxy: bool,
+}
+
+/// Everything one end-to-end test runs against.
+#[derive(Debug)]
+pub struct Env {
+    pub berthd: Berthd,
+    pub proxy: Option<CorruptingProxy>,
+    pub registry: Registry,
+    pub token_server: Option<TokenServer>,
+    pub containerd: Containerd,
+    pub ca: TestCa,
+    /// The credential berthd is given (in a secret): may pull every repository.
+    pub user: RegistryUser,
+    /// The harness's own credential, for pushing.
+    pub pusher: RegistryUser,
+    scratch: TempDir,
+}
+
+impl Env {
+    pub async fn start(kind: RegistryKind) -> anyhow::Result<Self> {
+        Self::start_with(kind, EnvOptions::default()).await
+    }
+
+    pub async fn start_with(kind: RegistryKind, options: EnvOptions) -> anyhow::Result<Self> {
+        let ca = TestCa::generate()?;
+        let user = RegistryUser::generate("berth-user");
+        let pusher = RegistryUser::generate("berth-pusher");
+        let token_server = match kind {
+            RegistryKind::Htpasswd => None,
+            RegistryKind::Token => Some(
+                TokenServer::start(
+                    &ca,
+                    &[
+                        (&user, Grants::none().pull("*")),
+                        (&pusher, Grants::none().push_all()),
+                    ],
+                )
+                .await?,
+            ),
+        };
+        let registry = async {
+            match &token_server {
+                Some(token_server) => Registry::start_token(&ca, token_server).await,
+                None => Registry::start_htpasswd(&ca, &[&user, &pusher]).await,
+            }
+        };
+        let (containerd, registry) = tokio::try_join!(Containerd::start(), registry)?;
+        let proxy = if options.corrupting_proxy {
+            Some(CorruptingProxy::start(&ca, registry.addr()).await?)
+        } else {
+            None
+        };
+        let berthd_options = BerthdOptions {
+            plain_http: proxy.iter().map(|proxy| proxy.addr().to_owned()).collect(),
+        };
+        let berthd = Berthd::start(&containerd, &ca, &berthd_options).await?;
+        Ok(Self {
+            berthd,
+            proxy,
+            registry,
+            token_server,
+            containerd,
+            ca,
+            user,
+            pusher,
+            scratch: temp_dir("scratch")?,
+        })
+    }
+
+    /// A dir for the test's own files (service YAML and such).
+    pub fn scratch_dir(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    /// Builds `image` and pushes it straight to the registry as the pusher.
+    pub async fn push(
+        &self,
+        repository: &str,
+        tag: &str,
+        image: &TestImage,
+    ) -> anyhow::Result<PushedImage> {
+        push_image(
+            &self.ca,
+            self.registry.addr(),
+            repository,
+            tag,
+            &self.pusher,
+            image,
+        )
+        .await
+    }
+
+    /// The corrupting proxy; an error when the env was started without one.
+    pub fn proxy(&self) -> anyhow::Result<&CorruptingProxy> {
+        self.proxy
+            .as_ref()
+            .context("this env was started without a corrupting proxy")
+    }
+
+    /// `Secrets/CreateSecret` (project "default") for a Docker credential; returns the id.
+    pub async fn create_secret(
+        &self,
+        name: &str,
+        server: &str,
+        user: &RegistryUser,
+    ) -> anyhow::Result<String> {
+        let secret = self
+            .berthd
+            .secrets()
+            .await?
+            .create_secret(CreateSecretRequest {
+                project: String::new(),
+                name: name.to_owned(),
+                credential: Some(Credential::Docker(DockerCredential {
+                    server: server.to_owned(),
+                    username: user.username.clone(),
+                    password: user.password.clone(),
+                })),
+            })
+            .await
+            .with_context(|| format!("creating secret {name} for {server}"))?
+            .into_inner();
+        Ok(secret.id)
+    }
+
+    /// `Agent/StartContainer`; the tonic status is returned as is, for tests of error codes.
+    pub async fn start_container(
+        &self,
+        request: StartContainerRequest,
+    ) -> anyhow::Result<Result<Container, tonic::Status>> {
+        let mut agent = self.berthd.agent().await?;
+        Ok(agent
+            .start_container(request)
+            .await
+            .map(tonic::Response::into_inner))
+    }
+
+    /// Polls `Agent/GetContainer` until the container `id` is EXITED.
+    pub async fn wait_until_exited(&self, id: &str) -> anyhow::Result<Container> {
+        let agent = self.berthd.agent().await?;
+        wait_for(&format!("container {id} to exit"), ORDER_TIMEOUT, || {
+            let mut agent = agent.clone();
+            async move {
+                let container = agent
+                    .get_container(GetContainerRequest {
+                        id: id.to_owned(),
+                        ..GetContainerRequest::default()
+                    })
+                    .await
+                    .with_context(|| format!("getting container {id}"))?
+                    .into_inner();
+                Ok((container.state() == ContainerState::Exited).then_some(container))
+            }
+        })
+        .await
+        .with_context(|| format!("berthd log:\n{}", self.berthd.log_tail()))
+    }
+
+    /// Starts `image` with `pull_secret` under a fresh order id and name, waits for it to exit,
+    /// and checks exit code 0.
+    pub async fn run_to_completion(
+        &self,
+        image: &str,
+        pull_secret: &str,
+    ) -> anyhow::Result<Container> {
+        let suffix = random_lowercase(8);
+        let request = start_request(
+            &format!("order-{suffix}"),
+            &format!("run-{suffix}"),
+            image,
+            pull_secret,
+        );
+        let started = match self.start_container(request).await? {
+            Ok(container) => container,
+            Err(status) => bail!(
+                "starting {image} failed: {status:?}\nberthd log:\n{}",
+                self.berthd.log_tail()
+            ),
+        };
+        let exited = self.wait_until_exited(&started.id).await?;
+        if exited.exit_code != 0 {
+            bail!("{image} exited with {}", exited.exit_code);
+        }
+        Ok(exited)
+    }
+}
+
+/// A start order in project "default" for `image`, running the image's own entrypoint and cmd.
+pub fn start_request(
+    order_id: &str,
+    name: &str,
+    image: &str,
+    pull_secret: &str,
+) -> StartContainerRequest {
+    StartContainerRequest {
+        order_id: order_id.to_owned(),
+        project: String::new(),
+        name: name.to_owned(),
+        container: Some(ContainerSpec {
+            image: image.to_owned(),
+            pull_secret: pull_secret.to_owned(),
+            ..ContainerSpec::default()
+        }),
+    }
+}
+
+/// `secret-<[a-z0-9]+>`, as contract.md gives the ids.
+pub fn is_secret_id(id: &str) -> bool {
+    id.strip_prefix("secret-").is_some_and(|random| {
+        !random.is_empty()
+            && random
+                .bytes()
+                .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit())
+    })
+}

