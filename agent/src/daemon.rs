@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
@@ -18,6 +19,7 @@ use crate::api::{pb, AgentService, SecretsService};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::containerd::Containerd;
+use crate::metrics::SharedMetrics;
 use crate::pull::{Puller, RegistrySettings};
 use crate::run::Runner;
 use crate::secret::{FileStore, SecretStore};
@@ -87,12 +89,16 @@ pub async fn run(
             source,
         })?);
     }
-    let auth = Authenticator::new(&AuthSettings {
-        plain_http: config.registry.plain_http.clone(),
-        ca_pems: ca_pems.clone(),
-        connect_timeout: Duration::from_secs(config.registry.connect_timeout_seconds),
-        read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
-    })
+    let metrics: SharedMetrics = Arc::default();
+    let auth = Authenticator::new(
+        &AuthSettings {
+            plain_http: config.registry.plain_http.clone(),
+            ca_pems: ca_pems.clone(),
+            connect_timeout: Duration::from_secs(config.registry.connect_timeout_seconds),
+            read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
+        },
+        metrics.clone(),
+    )
     .map_err(|err| DaemonError::Auth(Box::new(err)))?;
     let settings = RegistrySettings {
         plain_http: config.registry.plain_http.clone(),
@@ -112,6 +118,7 @@ pub async fn run(
         containerd.clone(),
         settings,
         Duration::from_secs(config.registry.pull_deadline_seconds),
+        metrics.clone(),
     );
     let runner = Runner::new(
         containerd.clone(),
@@ -119,8 +126,20 @@ pub async fn run(
         secrets.clone(),
         Arc::new(auth),
         logs_dir,
+        metrics.clone(),
     );
     let tasks = TaskTracker::new();
+    let metrics_stop = CancellationToken::new();
+    if !config.metrics_listen.is_empty() {
+        serve_metrics(
+            &config.metrics_listen,
+            runner.clone(),
+            metrics,
+            &tasks,
+            metrics_stop.clone(),
+        )
+        .await?;
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<AgentService>>().await;
@@ -184,6 +203,7 @@ pub async fn run(
         }
     };
     info!("api closed; waiting for in-flight orders");
+    metrics_stop.cancel();
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
         .await
@@ -192,6 +212,49 @@ pub async fn run(
         warn!("in-flight orders still running at the end of the grace period");
     }
     result.map_err(DaemonError::Server)
+}
+
+/// Serves Prometheus text at `http://<address>/metrics` until `stop` is cancelled.
+async fn serve_metrics(
+    address: &str,
+    runner: Runner,
+    metrics: SharedMetrics,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<(), DaemonError> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| DaemonError::Io {
+            path: PathBuf::from(address),
+            source,
+        })?;
+    info!(address = %address, "metrics listening at /metrics");
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let runner = runner.clone();
+            let metrics = metrics.clone();
+            async move {
+                if let Err(err) = runner.refresh_container_gauges().await {
+                    warn!(error = %err, "containers gauge not refreshed");
+                }
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    tasks.spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(err) = serve.await {
+            warn!(error = %err, "metrics server stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Sends READY=1 once containerd answers (the API is bound before this runs).

@@ -15,6 +15,7 @@ use tracing::{info, instrument, warn};
 
 use crate::auth::{AuthError, Authenticator};
 use crate::containerd::{ContainerRecord, Containerd, ContainerdError, NewContainer};
+use crate::metrics::{SharedMetrics, StateLabels};
 use crate::order::{ImageRef, Order, OrderError, PullPolicy};
 use crate::pull::{PullError, PullProgress, PulledImage, Puller};
 use crate::secret::{SecretError, SecretId, SecretStore, StoredSecret};
@@ -89,6 +90,17 @@ pub(crate) enum ContainerState {
     Exited,
 }
 
+impl ContainerState {
+    fn label(self) -> &'static str {
+        match self {
+            ContainerState::Unknown => "unknown",
+            ContainerState::Created => "created",
+            ContainerState::Running => "running",
+            ContainerState::Exited => "exited",
+        }
+    }
+}
+
 /// What berth reports about one container.
 #[derive(Debug, Clone)]
 pub(crate) struct ContainerView {
@@ -122,6 +134,7 @@ pub(crate) struct Runner {
     auth: Arc<Authenticator>,
     logs_dir: PathBuf,
     locks: Arc<KeyedLocks>,
+    metrics: SharedMetrics,
 }
 
 impl Runner {
@@ -131,6 +144,7 @@ impl Runner {
         secrets: Arc<SecretStore>,
         auth: Arc<Authenticator>,
         logs_dir: PathBuf,
+        metrics: SharedMetrics,
     ) -> Self {
         Self {
             containerd,
@@ -139,12 +153,14 @@ impl Runner {
             auth,
             logs_dir,
             locks: Arc::default(),
+            metrics,
         }
     }
 
     /// Starts the container an order asks for; the same order again returns the same container.
     #[instrument(skip_all, fields(order_id = %order.order_id, project = %order.project, name = %order.name))]
     pub(crate) async fn start(&self, order: Order) -> Result<ContainerView, RunError> {
+        let received = tokio::time::Instant::now();
         let _order_guard = self.locks.lock(format!("order/{}", order.order_id)).await;
         if let Some(existing) = self.find_order(&order).await? {
             info!(id = %existing.id, "order seen before; returning its container");
@@ -222,8 +238,32 @@ impl Runner {
             self.containerd.delete_container(&id).await.ok();
             return Err(err);
         }
+        self.metrics
+            .start_duration
+            .observe(received.elapsed().as_secs_f64());
         info!(id = %id, digest = %image.manifest_digest, "container started");
         self.view_by_id(&id).await
+    }
+
+    /// Sets `berth_containers{state}` from containerd, for a scrape.
+    pub(crate) async fn refresh_container_gauges(&self) -> Result<(), RunError> {
+        let views = self.list(None).await?;
+        self.metrics.containers.clear();
+        for state in [
+            ContainerState::Created,
+            ContainerState::Running,
+            ContainerState::Exited,
+            ContainerState::Unknown,
+        ] {
+            let count = views.iter().filter(|view| view.state == state).count();
+            self.metrics
+                .containers
+                .get_or_create(&StateLabels {
+                    state: state.label(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        Ok(())
     }
 
     async fn start_task(&self, id: &str) -> Result<(), RunError> {

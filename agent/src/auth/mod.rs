@@ -21,6 +21,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use tokio::time::Instant;
 use tracing::{debug, instrument};
 
+use crate::metrics::{RegistryLabels, SharedMetrics};
 use crate::order::ImageRef;
 use crate::secret::{gar_key, Credential, SecretKind, StoredSecret};
 use token::{Endpoint, Token};
@@ -119,13 +120,14 @@ enum CachedAuth {
 #[derive(Debug)]
 pub(crate) struct Authenticator {
     http: reqwest::Client,
+    metrics: SharedMetrics,
     plain_http: Vec<String>,
     tokens: Mutex<HashMap<CacheKey, Cached>>,
     google: Mutex<HashMap<String, Cached>>,
 }
 
 impl Authenticator {
-    pub(crate) fn new(settings: &AuthSettings) -> Result<Self, AuthError> {
+    pub(crate) fn new(settings: &AuthSettings, metrics: SharedMetrics) -> Result<Self, AuthError> {
         let mut certificates = Vec::new();
         for pem in &settings.ca_pems {
             certificates
@@ -142,6 +144,7 @@ impl Authenticator {
             .map_err(AuthError::Client)?;
         Ok(Self {
             http,
+            metrics,
             plain_http: settings.plain_http.clone(),
             tokens: Mutex::default(),
             google: Mutex::default(),
@@ -176,6 +179,12 @@ impl Authenticator {
         };
         if let Some(auth) = lookup(&self.tokens, &key) {
             debug!("registry token from cache");
+            self.metrics
+                .token_cache_hits
+                .get_or_create(&RegistryLabels {
+                    registry: registry.to_owned(),
+                })
+                .inc();
             return Ok(Grant { auth, cached: true });
         }
         let (auth, lifetime) = self.authenticate(secret, image).await?;
@@ -240,6 +249,13 @@ impl Authenticator {
                     repository: image.repository(),
                     secret: &secret_id,
                 };
+                let kind = match (secret.meta.kind, username == REFRESH_TOKEN_USERNAME) {
+                    (_, true) => "acr_refresh",
+                    (SecretKind::Docker, false) => "docker",
+                    (SecretKind::Acr, false) => "acr",
+                    (SecretKind::Gar, false) => "gar",
+                };
+                self.metrics.token_request(registry, kind);
                 let token: Token = if username == REFRESH_TOKEN_USERNAME {
                     endpoint
                         .post_refresh(&self.http, service.as_deref(), &scope, &password)
@@ -329,6 +345,7 @@ impl Authenticator {
             repository: image.repository(),
             secret: secret_id,
         };
+        self.metrics.token_request(image.registry(), "google");
         let token = endpoint.post_jwt_assertion(&self.http, &assertion).await?;
         let value = token.value.clone();
         lock(&self.google).insert(

@@ -13,6 +13,7 @@ use super::registry::Session;
 use super::verify::Verifier;
 use super::{layer_progress, send, PullError, PullProgress, Puller};
 use crate::containerd::{ContainerdError, Lease, OpenedBlob};
+use crate::metrics::RegistryLabels;
 use crate::order::ImageRef;
 
 /// Size of containerd WRITE messages.
@@ -155,10 +156,17 @@ impl Puller {
             writer.restart();
             *verifier = Verifier::new(&desc.digest, desc.size);
         }
+        let bytes_counter = self
+            .metrics
+            .pull_bytes
+            .get_or_create_owned(&RegistryLabels {
+                registry: image.registry().to_owned(),
+            });
         let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK);
         let result = loop {
             match stream.next().await {
                 Some(Ok(chunk)) => {
+                    bytes_counter.inc_by(chunk.len() as u64);
                     if let Err(source) = verifier.update(&chunk) {
                         return Err(Failure::Fatal(PullError::Mismatch {
                             image: image.to_string(),

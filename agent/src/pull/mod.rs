@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{info, instrument};
 
 use crate::containerd::{Containerd, ContainerdError, Lease, UnpackLayer};
+use crate::metrics::{PullLabels, SharedMetrics};
 use crate::order::ImageRef;
 use manifest::{Descriptor, Manifest, Parsed};
 pub(crate) use registry::RegistrySettings;
@@ -97,6 +98,21 @@ pub(crate) enum PullError {
 }
 
 impl PullError {
+    /// The `result` label of `berth_pulls_total`.
+    pub(crate) fn result_label(&self) -> &'static str {
+        match self {
+            PullError::Denied { .. } => "denied",
+            PullError::NotFound { .. } | PullError::NoPlatform { .. } => "not_found",
+            PullError::Mismatch { .. } => "data_loss",
+            PullError::Unreachable { .. } => "unavailable",
+            PullError::Deadline { .. } => "deadline",
+            PullError::Unsupported { .. } | PullError::Config { .. } => "unsupported",
+            PullError::Registry { .. }
+            | PullError::Client { .. }
+            | PullError::Containerd { .. } => "error",
+        }
+    }
+
     /// Worth another attempt: the registry was unreachable, overloaded or failing (5xx, 429).
     pub(crate) fn is_retryable(&self) -> bool {
         matches!(self, PullError::Unreachable { .. })
@@ -165,6 +181,7 @@ pub(crate) struct Puller {
     containerd: Containerd,
     settings: Arc<RegistrySettings>,
     deadline: Duration,
+    metrics: SharedMetrics,
 }
 
 impl Puller {
@@ -172,11 +189,13 @@ impl Puller {
         containerd: Containerd,
         settings: RegistrySettings,
         deadline: Duration,
+        metrics: SharedMetrics,
     ) -> Self {
         Self {
             containerd,
             settings: Arc::new(settings),
             deadline,
+            metrics,
         }
     }
 
@@ -190,12 +209,29 @@ impl Puller {
         progress: Option<mpsc::Sender<PullProgress>>,
     ) -> Result<PulledImage, PullError> {
         let private = !matches!(auth, RegistryAuth::Anonymous);
+        let started = tokio::time::Instant::now();
+        self.metrics.pulls_in_flight.inc();
         let work = self.pull_inner(image, auth, secret_id, private, progress);
-        tokio::time::timeout(self.deadline, work)
+        let result = tokio::time::timeout(self.deadline, work)
             .await
             .map_err(|_| PullError::Deadline {
                 image: image.to_string(),
-            })?
+            })
+            .and_then(|result| result);
+        self.metrics.pulls_in_flight.dec();
+        self.metrics
+            .pull_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .pulls
+            .get_or_create(&PullLabels {
+                result: result
+                    .as_ref()
+                    .map_or_else(PullError::result_label, |_| "ok"),
+                registry: image.registry().to_owned(),
+            })
+            .inc();
+        result
     }
 
     async fn pull_inner(

@@ -1,0 +1,173 @@
+//! Prometheus metrics (text exposition at `metrics_listen` `/metrics`). Names are the contract's.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PullLabels {
+    pub(crate) result: &'static str,
+    pub(crate) registry: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RegistryLabels {
+    pub(crate) registry: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TokenLabels {
+    pub(crate) registry: String,
+    /// docker | acr | acr_refresh | gar | google
+    pub(crate) kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StateLabels {
+    pub(crate) state: &'static str,
+}
+
+/// Every metric berthd exports. One instance per daemon, shared by `Arc`.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub(crate) pulls: Family<PullLabels, Counter>,
+    pub(crate) pull_bytes: Family<RegistryLabels, Counter>,
+    pub(crate) pull_duration: Histogram,
+    pub(crate) start_duration: Histogram,
+    pub(crate) token_requests: Family<TokenLabels, Counter>,
+    pub(crate) token_cache_hits: Family<RegistryLabels, Counter>,
+    pub(crate) pulls_in_flight: Gauge,
+    pub(crate) containers: Family<StateLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let pulls = Family::<PullLabels, Counter>::default();
+        let pull_bytes = Family::<RegistryLabels, Counter>::default();
+        // 50 ms .. ~14 min
+        let pull_duration = Histogram::new(exponential_buckets(0.05, 2.0, 15));
+        // 5 ms .. ~80 s
+        let start_duration = Histogram::new(exponential_buckets(0.005, 2.0, 15));
+        let token_requests = Family::<TokenLabels, Counter>::default();
+        let token_cache_hits = Family::<RegistryLabels, Counter>::default();
+        let pulls_in_flight = Gauge::default();
+        let containers = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "berth_pulls",
+            "Image pulls by result and registry",
+            pulls.clone(),
+        );
+        registry.register(
+            "berth_pull_bytes",
+            "Blob bytes fetched from registries",
+            pull_bytes.clone(),
+        );
+        registry.register(
+            "berth_pull_duration_seconds",
+            "Time of whole pulls, resolve to image record",
+            pull_duration.clone(),
+        );
+        registry.register(
+            "berth_start_duration_seconds",
+            "Time from a start order's arrival to its container RUNNING",
+            start_duration.clone(),
+        );
+        registry.register(
+            "berth_token_requests",
+            "Requests to token endpoints by registry and credential kind",
+            token_requests.clone(),
+        );
+        registry.register(
+            "berth_token_cache_hits",
+            "Registry tokens served from the in-memory cache",
+            token_cache_hits.clone(),
+        );
+        registry.register(
+            "berth_pulls_in_flight",
+            "Pulls running now",
+            pulls_in_flight.clone(),
+        );
+        registry.register(
+            "berth_containers",
+            "berth's containers by state",
+            containers.clone(),
+        );
+        Self {
+            registry,
+            pulls,
+            pull_bytes,
+            pull_duration,
+            start_duration,
+            token_requests,
+            token_cache_hits,
+            pulls_in_flight,
+            containers,
+        }
+    }
+}
+
+impl Metrics {
+    pub(crate) fn token_request(&self, registry: &str, kind: &'static str) {
+        self.token_requests
+            .get_or_create(&TokenLabels {
+                registry: registry.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// The text exposition of every metric.
+    pub(crate) fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).ok();
+        text
+    }
+}
+
+/// The shared handle passed to every stage.
+pub(crate) type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_uses_the_contract_names() {
+        let metrics = Metrics::default();
+        metrics
+            .pulls
+            .get_or_create(&PullLabels {
+                result: "ok",
+                registry: "r:5000".into(),
+            })
+            .inc();
+        metrics.token_request("r:5000", "docker");
+        metrics.pull_duration.observe(1.5);
+        metrics.pulls_in_flight.set(2);
+        metrics
+            .pull_bytes
+            .get_or_create(&RegistryLabels {
+                registry: "r:5000".into(),
+            })
+            .inc_by(10);
+        let text = metrics.encode();
+        for needle in [
+            "berth_pulls_total{result=\"ok\",registry=\"r:5000\"} 1",
+            "berth_token_requests_total{registry=\"r:5000\",kind=\"docker\"} 1",
+            "berth_pull_duration_seconds_count 1",
+            "berth_pulls_in_flight 2",
+            "# TYPE berth_start_duration_seconds histogram",
+            "berth_pull_bytes_total{registry=\"r:5000\"} 10",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}
