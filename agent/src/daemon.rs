@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::api::pb::agent_server::AgentServer;
 use crate::api::pb::secrets_server::SecretsServer;
-use crate::api::{pb, AgentService, SecretsService};
+use crate::api::{pb, Access, AgentService, SecretsService};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::containerd::Containerd;
@@ -155,6 +155,10 @@ pub async fn run(
         .build_v1alpha()
         .map_err(DaemonError::Reflection)?;
 
+    let access = match listen {
+        ListenAddr::Unix(_) => Access::Local,
+        ListenAddr::Tcp(_) => Access::mtls(&config.access),
+    };
     let mut builder = Server::builder();
     if let ListenAddr::Tcp(_) = listen {
         builder = builder
@@ -165,8 +169,12 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AgentServer::new(AgentService::new(runner, tasks.clone())))
-        .add_service(SecretsServer::new(SecretsService::new(secrets)));
+        .add_service(AgentServer::new(AgentService::new(
+            runner,
+            tasks.clone(),
+            access.clone(),
+        )))
+        .add_service(SecretsServer::new(SecretsService::new(secrets, access)));
 
     // Runs beside the server and ends with it, whether or not containerd ever answered.
     let ready = async {

@@ -10,20 +10,40 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, Instrument as _};
 
+use super::access::Access;
 use super::convert;
 use super::pb;
 use crate::order::{parse_dns_label, parse_project, ImageRef, Order};
-use crate::run::{ContainerKey, Runner};
+use crate::run::{ContainerKey, ContainerView, RunError, Runner};
 
 #[derive(Debug)]
 pub(crate) struct AgentService {
     runner: Runner,
     tasks: TaskTracker,
+    access: Access,
 }
 
 impl AgentService {
-    pub(crate) fn new(runner: Runner, tasks: TaskTracker) -> Self {
-        Self { runner, tasks }
+    pub(crate) fn new(runner: Runner, tasks: TaskTracker, access: Access) -> Self {
+        Self {
+            runner,
+            tasks,
+            access,
+        }
+    }
+
+    /// The container `id`, if the caller may see its project; NOT_FOUND otherwise, so ids of
+    /// other projects cannot be probed.
+    async fn visible<T>(&self, request: &Request<T>, id: &str) -> Result<ContainerView, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        let allowed = self.access.allowed(request)?;
+        let view = self.runner.get(&ContainerKey::Id(id.to_owned())).await?;
+        if !allowed.permits(&view.project) {
+            return Err(RunError::ContainerNotFound { id: id.to_owned() }.into());
+        }
+        Ok(view)
     }
 }
 
@@ -36,7 +56,14 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::StartContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
+        let allowed = self.access.allowed(&request)?;
         let order = Order::parse(convert::raw_order(request.into_inner())?)?;
+        if !allowed.permits(&order.project) {
+            return Err(Status::permission_denied(format!(
+                "this client may not act for project {}",
+                order.project
+            )));
+        }
         info!(project = %order.project, name = %order.name, image = %order.image, "start order received");
         // The order runs to completion even if the caller goes away, so nothing is half-done.
         let runner = self.runner.clone();
@@ -56,8 +83,9 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::PullImageRequest>,
     ) -> Result<Response<PullStream>, Status> {
+        let project = parse_project(&request.get_ref().project)?;
+        self.access.check(&request, &project)?;
         let request = request.into_inner();
-        let project = parse_project(&request.project)?;
         let image = ImageRef::parse(&request.image)?;
         let pull_secret = (!request.pull_secret.is_empty()).then_some(request.pull_secret);
         let (events, receiver) = mpsc::channel(64);
@@ -89,16 +117,17 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::GetContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
-        let request = request.into_inner();
-        let key = if !request.id.is_empty() {
-            ContainerKey::Id(request.id)
-        } else {
-            ContainerKey::Name {
-                project: parse_project(&request.project)?,
-                name: parse_dns_label(&request.name, "name")?,
-            }
-        };
-        let view = self.runner.get(&key).await?;
+        if !request.get_ref().id.is_empty() {
+            let view = self.visible(&request, &request.get_ref().id).await?;
+            return Ok(Response::new(convert::container(view)));
+        }
+        let project = parse_project(&request.get_ref().project)?;
+        self.access.check(&request, &project)?;
+        let name = parse_dns_label(&request.get_ref().name, "name")?;
+        let view = self
+            .runner
+            .get(&ContainerKey::Name { project, name })
+            .await?;
         Ok(Response::new(convert::container(view)))
     }
 
@@ -106,15 +135,26 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::ListContainersRequest>,
     ) -> Result<Response<pb::ListContainersResponse>, Status> {
+        let allowed = self.access.allowed(&request)?;
         let request = request.into_inner();
         let project = if request.project.is_empty() {
             None
         } else {
-            Some(parse_project(&request.project)?)
+            let project = parse_project(&request.project)?;
+            if !allowed.permits(&project) {
+                return Err(Status::permission_denied(format!(
+                    "this client may not act for project {project}"
+                )));
+            }
+            Some(project)
         };
         let views = self.runner.list(project.as_deref()).await?;
         Ok(Response::new(pb::ListContainersResponse {
-            containers: views.into_iter().map(convert::container).collect(),
+            containers: views
+                .into_iter()
+                .filter(|view| allowed.permits(&view.project))
+                .map(convert::container)
+                .collect(),
         }))
     }
 
@@ -123,10 +163,8 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::StopContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
+        self.visible(&request, &request.get_ref().id).await?;
         let request = request.into_inner();
-        if request.id.is_empty() {
-            return Err(Status::invalid_argument("id is required"));
-        }
         let timeout = (request.timeout_seconds > 0)
             .then(|| Duration::from_secs(u64::from(request.timeout_seconds)));
         let view = self.runner.stop(&request.id, timeout).await?;
@@ -138,10 +176,8 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::RemoveContainerRequest>,
     ) -> Result<Response<pb::RemoveContainerResponse>, Status> {
+        self.visible(&request, &request.get_ref().id).await?;
         let request = request.into_inner();
-        if request.id.is_empty() {
-            return Err(Status::invalid_argument("id is required"));
-        }
         self.runner.remove(&request.id, request.force).await?;
         Ok(Response::new(pb::RemoveContainerResponse {}))
     }

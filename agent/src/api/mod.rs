@@ -1,10 +1,12 @@
 //! The gRPC boundary: tonic services, proto <-> domain conversion and the one error -> Status map.
 
+mod access;
 mod agent;
 mod convert;
 pub mod pb;
 mod secrets;
 mod status;
 
+pub(crate) use access::Access;
 pub(crate) use agent::AgentService;
 pub(crate) use secrets::SecretsService;

@@ -6,6 +6,7 @@ use secrecy::SecretString;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
+use super::access::Access;
 use super::convert;
 use super::pb::{self, create_secret_request::Credential as PbCredential};
 use crate::order::parse_project;
@@ -14,11 +15,12 @@ use crate::secret::{Credential, NewSecret, SecretId, SecretKind, SecretStore};
 #[derive(Debug)]
 pub(crate) struct SecretsService {
     store: Arc<SecretStore>,
+    access: Access,
 }
 
 impl SecretsService {
-    pub(crate) fn new(store: Arc<SecretStore>) -> Self {
-        Self { store }
+    pub(crate) fn new(store: Arc<SecretStore>, access: Access) -> Self {
+        Self { store, access }
     }
 }
 
@@ -29,8 +31,9 @@ impl pb::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<pb::CreateSecretRequest>,
     ) -> Result<Response<pb::Secret>, Status> {
+        let project = parse_project(&request.get_ref().project)?;
+        self.access.check(&request, &project)?;
         let request = request.into_inner();
-        let project = parse_project(&request.project)?;
         let (kind, server, credential) = match request.credential {
             Some(PbCredential::Docker(c)) => (
                 SecretKind::Docker,
@@ -69,7 +72,8 @@ impl pb::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
-        let project = parse_project(&request.into_inner().project)?;
+        let project = parse_project(&request.get_ref().project)?;
+        self.access.check(&request, &project)?;
         let secrets = self.store.list(&project).await?;
         Ok(Response::new(pb::ListSecretsResponse {
             secrets: secrets.into_iter().map(convert::secret).collect(),
@@ -81,9 +85,9 @@ impl pb::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<pb::DeleteSecretRequest>,
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
-        let request = request.into_inner();
-        let project = parse_project(&request.project)?;
-        let id = SecretId::parse(&request.id)?;
+        let project = parse_project(&request.get_ref().project)?;
+        self.access.check(&request, &project)?;
+        let id = SecretId::parse(&request.get_ref().id)?;
         self.store.delete(&project, &id).await?;
         info!("secret deleted");
         Ok(Response::new(pb::DeleteSecretResponse {}))
