@@ -9,6 +9,7 @@ pub mod connect;
 mod component;
 mod container;
 mod output;
+mod progress;
 mod pull;
 mod secret;
 mod service;
@@ -235,9 +236,11 @@ fn code_name(code: tonic::Code) -> &'static str {
 
 /// Runs one parsed command line against the daemon, printing on the process's stdout/stderr.
 pub async fn run(cli: Cli) -> Result<(), CmdError> {
+    use std::io::IsTerminal as _;
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
-    run_with(cli, &mut out, &mut err).await
+    let tty = err.is_terminal();
+    run_console(cli, &mut out, &mut err, tty).await
 }
 
 /// Runs one parsed command line, printing results on `out` and warnings on `err`.
@@ -246,10 +249,20 @@ pub async fn run_with(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<(), CmdError> {
+    run_console(cli, out, err, false).await
+}
+
+async fn run_console(
+    cli: Cli,
+    out: &mut (dyn Write + Send),
+    err: &mut (dyn Write + Send),
+    tty: bool,
+) -> Result<(), CmdError> {
     let mut console = Console {
         global: &cli.global,
         out,
         err,
+        tty,
     };
     match cli.command {
         Command::Secret(command) => secret::run(command, &mut console).await,
@@ -268,6 +281,8 @@ struct Console<'a> {
     global: &'a GlobalArgs,
     out: &'a mut (dyn Write + Send),
     err: &'a mut (dyn Write + Send),
+    /// stderr is a terminal: progress is drawn as bars there.
+    tty: bool,
 }
 
 impl Console<'_> {

@@ -2,7 +2,8 @@
 
 use clap::Args;
 
-use super::{output, CmdError, Console};
+use super::progress::{Mode, Progress};
+use super::{CmdError, Console};
 use crate::api::pb;
 use crate::api::pb::agent_client::AgentClient;
 
@@ -26,13 +27,14 @@ pub(super) async fn run(args: PullArgs, console: &mut Console<'_>) -> Result<(),
         })
         .await?
         .into_inner();
+    let mode = match (console.json(), console.tty) {
+        (true, _) => Mode::Json,
+        (false, true) => Mode::Bars,
+        (false, false) => Mode::Lines,
+    };
+    let mut progress = Progress::new(mode);
     while let Some(event) = events.message().await? {
-        if console.json() {
-            output::write_json_line(console.out, &output::pull_event_json(&event))?;
-        } else if let Some(line) = output::pull_event_line(&event) {
-            output::write_line(console.out, &line)?;
-            console.out.flush().map_err(CmdError::Output)?;
-        }
+        progress.event(&event, console.out)?;
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 use serde::Deserialize;
 
+use super::progress::{Mode, Progress};
 use super::{output, read_input, CmdError, Console};
 use crate::api::pb;
 use crate::api::pb::agent_client::AgentClient;
@@ -174,6 +175,28 @@ async fn create(args: CreateArgs, console: &mut Console<'_>) -> Result<(), CmdEr
     let service = parse_service(&args.file, &text)?;
     let order_id = args.order_id.unwrap_or_else(fresh_order_id);
     let mut client = AgentClient::new(console.channel().await?);
+    // Pull first through PullImage, so a person sees progress (bars on a terminal, lines on
+    // stderr otherwise); the start order then finds the image present. JSON output stays
+    // clean on stdout.
+    if service.container.pull_policy != pb::PullPolicy::Never as i32 {
+        let mode = match (console.json(), console.tty) {
+            (true, _) => Mode::Quiet,
+            (false, true) => Mode::Bars,
+            (false, false) => Mode::Lines,
+        };
+        let mut events = client
+            .pull_image(pb::PullImageRequest {
+                project: console.project(),
+                image: service.container.image.clone(),
+                pull_secret: service.container.pull_secret.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut progress = Progress::new(mode);
+        while let Some(event) = events.message().await? {
+            progress.event(&event, console.err)?;
+        }
+    }
     // No deadline here: the daemon bounds the pull with its own pull_deadline_seconds.
     let container = client
         .start_container(pb::StartContainerRequest {
