@@ -2,7 +2,7 @@
 //! a new error variant must be placed here deliberately.
 
 use tonic::{Code, Status};
-use tracing::error;
+use tracing::{error, info, warn};
 
 use crate::auth::AuthError;
 use crate::containerd::ContainerdError;
@@ -14,9 +14,17 @@ use crate::secret::SecretError;
 impl From<RunError> for Status {
     fn from(err: RunError) -> Self {
         let code = run_code(&err);
-        if code == Code::Internal {
-            error!(error = %chain(&err), "internal error");
-            return Status::internal("internal error; see the berthd log");
+        // Logged once, here, where the error is handled: with its sources (which, like the
+        // message, never carry credential material).
+        match code {
+            Code::Internal => {
+                error!(error = %chain(&err), "internal error");
+                return Status::internal("internal error; see the berthd log");
+            }
+            Code::Unavailable | Code::DataLoss | Code::DeadlineExceeded => {
+                warn!(code = ?code, error = %chain(&err), "request failed");
+            }
+            _ => info!(code = ?code, error = %chain(&err), "request refused"),
         }
         Status::new(code, err.to_string())
     }
@@ -67,6 +75,15 @@ fn secret_code(err: &SecretError) -> Code {
         SecretError::Io { .. } | SecretError::Corrupt { .. } | SecretError::Key { .. } => {
             Code::Internal
         }
+        // OpenBao down, sealed or failing: transient, the caller may retry.
+        SecretError::Unavailable { .. } => Code::Unavailable,
+        // The agent's own OpenBao policy forbids the path (e.g. another project's secrets).
+        SecretError::Denied { .. } => Code::PermissionDenied,
+        // The agent's OpenBao login or the secret's layout needs an operator; retrying won't help.
+        SecretError::Login { .. }
+        | SecretError::CredentialFile { .. }
+        | SecretError::Malformed { .. } => Code::FailedPrecondition,
+        SecretError::Backend { .. } => Code::Internal,
     }
 }
 

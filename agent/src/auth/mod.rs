@@ -52,10 +52,20 @@ pub(crate) enum AuthError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("token endpoint {host} answered {status}")]
-    TokenEndpointDown { host: String, status: u16 },
-    #[error("token endpoint {host}: {reason}")]
-    TokenResponse { host: String, reason: &'static str },
+    #[error("token endpoint {realm} of registry {registry} answered {status}")]
+    TokenEndpointDown {
+        realm: String,
+        registry: String,
+        status: u16,
+    },
+    #[error("token endpoint {realm} of registry {registry}, for repository {repository} with secret {secret}: {reason}")]
+    TokenResponse {
+        realm: String,
+        registry: String,
+        repository: String,
+        secret: String,
+        reason: &'static str,
+    },
     #[error("registry {registry}: {reason}")]
     Challenge {
         registry: String,
@@ -258,7 +268,7 @@ impl Authenticator {
                 self.metrics.token_request(registry, kind);
                 let token: Token = if username == REFRESH_TOKEN_USERNAME {
                     endpoint
-                        .post_refresh(&self.http, service.as_deref(), &scope, &password)
+                        .post_refresh(&self.http, service.as_deref(), &scope, &username, &password)
                         .await?
                 } else {
                     endpoint

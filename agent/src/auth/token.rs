@@ -50,15 +50,27 @@ impl Endpoint<'_> {
 
     fn unreachable(&self, source: reqwest::Error) -> AuthError {
         AuthError::Unreachable {
-            host: self.url.host_str().unwrap_or_default().to_owned(),
+            host: self.realm_name(),
             source,
         }
     }
 
     fn bad_response(&self, reason: &'static str) -> AuthError {
         AuthError::TokenResponse {
-            host: self.url.host_str().unwrap_or_default().to_owned(),
+            realm: self.realm_name(),
+            registry: self.registry.to_owned(),
+            repository: self.repository.to_owned(),
+            secret: self.secret.to_owned(),
             reason,
+        }
+    }
+
+    /// `host[:port]` of the token endpoint, for messages.
+    fn realm_name(&self) -> String {
+        match (self.url.host_str(), self.url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            _ => String::new(),
         }
     }
 
@@ -83,11 +95,14 @@ impl Endpoint<'_> {
     }
 
     /// `POST realm` with `grant_type=refresh_token` (oauth.md; ACR's refresh-token flow).
+    /// Token servers that do not implement POST answer 404 (or 405): then, as oauth.md says,
+    /// the GET form is used, with the refresh token as Basic credentials under `username`.
     pub(super) async fn post_refresh(
         &self,
         http: &reqwest::Client,
         service: Option<&str>,
         scope: &str,
+        username: &str,
         refresh_token: &SecretString,
     ) -> Result<Token, AuthError> {
         let form = [
@@ -97,7 +112,18 @@ impl Endpoint<'_> {
             ("client_id", "berth"),
             ("refresh_token", refresh_token.expose_secret()),
         ];
-        self.send(http.post(self.url.clone()).form(&form)).await
+        let response = http
+            .post(self.url.clone())
+            .form(&form)
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        if matches!(response.status().as_u16(), 404 | 405) {
+            return self
+                .get_with_basic(http, service, scope, username, refresh_token)
+                .await;
+        }
+        self.read(response).await
     }
 
     /// `POST token_uri` with the JWT-bearer grant (RFC 7523; Google service accounts).
@@ -115,6 +141,11 @@ impl Endpoint<'_> {
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Token, AuthError> {
         let response = request.send().await.map_err(|err| self.unreachable(err))?;
+        self.read(response).await
+    }
+
+    /// A token from a response, or what its status means.
+    async fn read(&self, response: reqwest::Response) -> Result<Token, AuthError> {
         let status = response.status();
         if status == reqwest::StatusCode::UNAUTHORIZED
             || status == reqwest::StatusCode::FORBIDDEN
@@ -128,12 +159,13 @@ impl Endpoint<'_> {
         }
         if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Err(AuthError::TokenEndpointDown {
-                host: self.url.host_str().unwrap_or_default().to_owned(),
+                realm: self.realm_name(),
+                registry: self.registry.to_owned(),
                 status: status.as_u16(),
             });
         }
         if !status.is_success() {
-            return Err(self.bad_response("the token endpoint refused the request"));
+            return Err(self.bad_response("the token endpoint does not answer this request"));
         }
         let mut body = Zeroizing::new(Vec::new());
         let mut stream = response.bytes_stream();

@@ -12,7 +12,7 @@ use super::manifest::Descriptor;
 use super::registry::Session;
 use super::verify::Verifier;
 use super::{layer_progress, send, PullError, PullProgress, Puller};
-use crate::containerd::{ContainerdError, Lease, OpenedBlob};
+use crate::containerd::{BlobWriter, ContainerdError, Lease, OpenedBlob};
 use crate::metrics::RegistryLabels;
 use crate::order::ImageRef;
 
@@ -49,30 +49,98 @@ impl Puller {
         };
         let labels = HashMap::from([source_label.clone()]);
         let reference = format!("berth-blob-{}", desc.digest);
-        let mut writer = match self
-            .containerd
-            .open_blob(lease, &reference, &desc.digest, desc.size)
-            .await
-            .map_err(containerd_err)?
-        {
-            OpenedBlob::Present => {
-                debug!("blob already in containerd");
-                self.containerd
-                    .update_content_labels(&desc.digest, labels)
-                    .await
-                    .map_err(containerd_err)?;
-                send(progress, layer_progress(desc, desc.size, true)).await;
-                return Ok(());
+        // The first pass may resume a partial ingest; if what it resumed turns out not to hash
+        // to the digest (bytes from an interrupted attempt were bad), the second pass fetches
+        // the whole blob again, verified from byte 0.
+        for pass in 0..2 {
+            let mut writer = match self
+                .containerd
+                .open_blob(lease, &reference, &desc.digest, desc.size)
+                .await
+                .map_err(containerd_err)?
+            {
+                OpenedBlob::Present => {
+                    debug!("blob already in containerd");
+                    self.containerd
+                        .update_content_labels(&desc.digest, labels)
+                        .await
+                        .map_err(containerd_err)?;
+                    send(progress, layer_progress(desc, desc.size, true)).await;
+                    return Ok(());
+                }
+                OpenedBlob::Writer(writer) => writer,
+            };
+            let resumed = pass == 0 && writer.offset() > 0;
+            if !resumed {
+                writer.restart();
             }
-            OpenedBlob::Writer(writer) => writer,
-        };
-        // A partial ingest left by an earlier attempt (or a killed berthd) is resumed: the
-        // bytes it holds are not fetched again, and containerd re-hashes the whole blob
-        // against its digest at commit.
-        let mut verifier = Verifier::resume(&desc.digest, desc.size, writer.offset());
-        if writer.offset() > 0 {
-            debug!(offset = writer.offset(), "resuming a partial ingest");
+            // Bytes already in the ingest are not fetched again; containerd re-hashes the whole
+            // blob against its digest at commit.
+            let mut verifier = Verifier::resume(&desc.digest, desc.size, writer.offset());
+            if resumed {
+                debug!(offset = writer.offset(), "resuming a partial ingest");
+            }
+            match self
+                .stream_with_retries(image, session, desc, &mut writer, &mut verifier, progress)
+                .await
+            {
+                Ok(()) => {}
+                // Out of attempts: the partial ingest stays for the next order to resume.
+                Err(Failure::Retry(err)) => return Err(err),
+                Err(Failure::Fatal(err)) => {
+                    writer.abort().await.ok();
+                    return Err(err);
+                }
+            }
+            if let Err(source) = verifier.finish() {
+                writer.abort().await.ok();
+                return Err(PullError::Mismatch {
+                    image: image.to_string(),
+                    source,
+                });
+            }
+            match writer.commit(labels.clone()).await {
+                Ok(()) => {
+                    send(progress, layer_progress(desc, desc.size, false)).await;
+                    return Ok(());
+                }
+                Err(err) if err.code() == Some(tonic::Code::FailedPrecondition) => {
+                    // containerd's own size/digest check at commit failed.
+                    self.containerd.abort_ingest(&reference).await.ok();
+                    if resumed {
+                        warn!("a resumed partial blob failed verification; fetching it whole");
+                        continue;
+                    }
+                    return Err(PullError::Mismatch {
+                        image: image.to_string(),
+                        source: super::verify::Mismatch::Digest {
+                            digest: desc.digest.clone(),
+                            actual: "another digest (checked by containerd at commit)".to_owned(),
+                        },
+                    });
+                }
+                Err(err) => return Err(containerd_err(err)),
+            }
         }
+        Err(PullError::Mismatch {
+            image: image.to_string(),
+            source: super::verify::Mismatch::Digest {
+                digest: desc.digest.clone(),
+                actual: "another digest (checked by containerd at commit)".to_owned(),
+            },
+        })
+    }
+
+    /// Streams the rest of the blob into the ingest, resuming after retryable failures.
+    async fn stream_with_retries(
+        &self,
+        image: &ImageRef,
+        session: &Session,
+        desc: &Descriptor,
+        writer: &mut BlobWriter,
+        verifier: &mut Verifier,
+        progress: &Option<tokio::sync::mpsc::Sender<PullProgress>>,
+    ) -> Result<(), Failure> {
         let mut attempt = 1;
         let mut last_report = 0u64;
         while verifier.seen() < desc.size {
@@ -81,8 +149,8 @@ impl Puller {
                     image,
                     session,
                     desc,
-                    &mut writer,
-                    &mut verifier,
+                    writer,
+                    verifier,
                     progress,
                     &mut last_report,
                 )
@@ -94,39 +162,9 @@ impl Puller {
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
                 }
-                Err(Failure::Retry(err)) => {
-                    // Keep the partial ingest: the next order resumes from it.
-                    return Err(err);
-                }
-                Err(Failure::Fatal(err)) => {
-                    writer.abort().await.ok();
-                    return Err(err);
-                }
+                Err(failure) => return Err(failure),
             }
         }
-        if let Err(source) = verifier.finish() {
-            writer.abort().await.ok();
-            return Err(PullError::Mismatch {
-                image: image.to_string(),
-                source,
-            });
-        }
-        match writer.commit(labels).await {
-            Ok(()) => {}
-            Err(err) if err.code() == Some(tonic::Code::FailedPrecondition) => {
-                // containerd's own size/digest check at commit failed (a resumed ingest).
-                self.containerd.abort_ingest(&reference).await.ok();
-                return Err(PullError::Mismatch {
-                    image: image.to_string(),
-                    source: super::verify::Mismatch::Digest {
-                        digest: desc.digest.clone(),
-                        actual: "another digest (checked by containerd at commit)".to_owned(),
-                    },
-                });
-            }
-            Err(err) => return Err(containerd_err(err)),
-        }
-        send(progress, layer_progress(desc, desc.size, false)).await;
         Ok(())
     }
 
@@ -137,7 +175,7 @@ impl Puller {
         image: &ImageRef,
         session: &Session,
         desc: &Descriptor,
-        writer: &mut crate::containerd::BlobWriter,
+        writer: &mut BlobWriter,
         verifier: &mut Verifier,
         progress: &Option<tokio::sync::mpsc::Sender<PullProgress>>,
         last_report: &mut u64,

@@ -120,6 +120,32 @@ pub(crate) fn parse(body: &[u8]) -> Result<Parsed, ManifestError> {
     }))
 }
 
+/// A body's `mediaType`, when it has one, must be the `Content-Type` it was served as
+/// (CVE-2021-41190: no document may pass as another kind).
+pub(crate) fn check_content_type(
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<(), ManifestError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct MediaType {
+        media_type: Option<String>,
+    }
+    let declared = serde_json::from_slice::<MediaType>(body)
+        .map_err(|_| ManifestError("not a valid manifest document"))?
+        .media_type;
+    match (declared, content_type) {
+        (Some(declared), Some(served))
+            if !served.is_empty() && served != "application/json" && declared != served =>
+        {
+            Err(ManifestError(
+                "the document's mediaType differs from its Content-Type",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `sha256:<64 lower-case hex>`, checked before a digest goes into a URL or a label.
 pub(crate) fn check_digest(digest: &str) -> Result<(), ManifestError> {
     let ok = digest.strip_prefix("sha256:").is_some_and(|hex| {
@@ -204,6 +230,15 @@ mod tests {
             digest('b')
         );
         parse(foreign.as_bytes()).unwrap_err();
+    }
+
+    #[test]
+    fn media_type_must_match_content_type() {
+        let body = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#);
+        check_content_type(body.as_bytes(), Some(OCI_INDEX)).unwrap();
+        check_content_type(body.as_bytes(), None).unwrap();
+        check_content_type(body.as_bytes(), Some(OCI_MANIFEST)).unwrap_err();
+        check_content_type(br#"{"schemaVersion":2}"#, Some(OCI_MANIFEST)).unwrap();
     }
 
     #[test]

@@ -74,12 +74,12 @@ pub(crate) enum PullError {
         registry: String,
         repository: String,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("setting up the registry client")]
     Client {
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("image {image}: the config is not a valid image config")]
     Config {
@@ -179,6 +179,7 @@ pub(crate) struct PulledImage {
 #[derive(Debug, Clone)]
 pub(crate) struct Puller {
     containerd: Containerd,
+    http: reqwest::Client,
     settings: Arc<RegistrySettings>,
     deadline: Duration,
     metrics: SharedMetrics,
@@ -190,13 +191,14 @@ impl Puller {
         settings: RegistrySettings,
         deadline: Duration,
         metrics: SharedMetrics,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, PullError> {
+        Ok(Self {
             containerd,
+            http: settings.http_client()?,
             settings: Arc::new(settings),
             deadline,
             metrics,
-        }
+        })
     }
 
     /// Pulls `image` with `auth` (anonymous when no secret), reporting progress if asked.
@@ -244,7 +246,7 @@ impl Puller {
     ) -> Result<PulledImage, PullError> {
         let attempts = self.settings.retries;
         let session = retry(attempts, || {
-            Session::open(&self.settings, image, auth.clone(), secret_id)
+            Session::open(&self.settings, &self.http, image, auth.clone(), secret_id)
         })
         .await?;
         let (top_bytes, top_digest) =
@@ -630,7 +632,7 @@ impl Puller {
         let work = async {
             let attempts = self.settings.retries;
             let session = retry(attempts, || {
-                Session::open(&self.settings, image, auth.clone(), secret_id)
+                Session::open(&self.settings, &self.http, image, auth.clone(), secret_id)
             })
             .await?;
             retry(attempts, || session.manifest(image.reference()))

@@ -1,19 +1,24 @@
-//! The distribution protocol, through oci-client: authenticate once per pull, fetch manifests
-//! (digest-checked by oci-client and again here) and stream blobs.
+//! The distribution protocol: oci-client answers the registry's challenge once per pull; berth
+//! then fetches manifests (capped at 4 MiB, digest-checked) and streams blobs itself, so that
+//! it controls redirects (never https -> http, never Authorization to another host).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use oci_client::client::{
-    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
+use futures::{StreamExt as _, TryStreamExt as _};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 
+use secrecy::{ExposeSecret as _, SecretString};
+use sha2::{Digest as _, Sha256};
+
 use super::manifest::{self, Descriptor};
+use super::verify::Mismatch;
 use super::PullError;
 use crate::order::ImageRef;
 
@@ -30,10 +35,55 @@ pub(crate) struct RegistrySettings {
     pub(crate) retries: u32,
 }
 
+/// Largest manifest or index berth reads (distribution caps pushes at 4 MiB too).
+const MAX_MANIFEST: usize = 4 << 20;
+
+impl RegistrySettings {
+    /// The HTTP client for manifests and blobs: the configured CAs beside the system roots,
+    /// connect/read timeouts, no automatic decompression, and a redirect policy that refuses
+    /// https -> http. reqwest drops Authorization (and cookies) on every hop to another host
+    /// or port, so blob-storage redirect targets never see a credential.
+    pub(crate) fn http_client(&self) -> Result<reqwest::Client, PullError> {
+        let mut certificates = Vec::new();
+        for pem in &self.ca_pems {
+            certificates.extend(
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|source| PullError::Client {
+                    source: Box::new(source),
+                })?,
+            );
+        }
+        let policy = reqwest::redirect::Policy::custom(|attempt| {
+            let downgrade = attempt.url().scheme() == "http"
+                && attempt.previous().iter().any(|url| url.scheme() == "https");
+            if downgrade {
+                attempt.error("refusing a redirect from https to http")
+            } else if attempt.previous().len() > 10 {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        });
+        reqwest::Client::builder()
+            .redirect(policy)
+            .tls_certs_merge(certificates)
+            .connect_timeout(self.connect_timeout)
+            .read_timeout(self.read_timeout)
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| PullError::Client {
+                source: Box::new(source),
+            })
+    }
+}
+
 /// One authenticated conversation with a registry about one repository.
 #[derive(Clone)]
 pub(crate) struct Session {
-    client: Client,
+    http: reqwest::Client,
+    /// `<scheme>://<host>/v2/<repository>`
+    base: String,
+    /// The Authorization header value (Bearer token or Basic), if any.
+    authorization: Option<Arc<SecretString>>,
     image: ImageRef,
     secret_id: Option<Arc<str>>,
 }
@@ -41,6 +91,7 @@ pub(crate) struct Session {
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
+            .field("base", &self.base)
             .field("image", &self.image)
             .field("secret_id", &self.secret_id)
             .finish_non_exhaustive()
@@ -48,10 +99,12 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// Authenticates to the registry of `image` (Basic, or Basic to its Bearer token realm, as
-    /// the registry's challenge decides).
+    /// Authenticates to the registry of `image` through oci-client's challenge handling
+    /// (a Bearer grant is used as is; Basic goes to the registry or its token realm, as the
+    /// registry's challenge decides; anonymous gets an anonymous token where one is needed).
     pub(crate) async fn open(
         settings: &RegistrySettings,
+        http: &reqwest::Client,
         image: &ImageRef,
         auth: RegistryAuth,
         secret_id: Option<&str>,
@@ -69,34 +122,107 @@ impl Session {
             platform_resolver: None,
             connect_timeout: Some(settings.connect_timeout),
             read_timeout: Some(settings.read_timeout),
-            max_concurrent_download: settings.max_concurrent_downloads,
             user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),
             ..ClientConfig::default()
         };
-        let client = Client::try_from(config).map_err(|source| PullError::Client { source })?;
-        let session = Self {
-            client,
+        let client = Client::try_from(config).map_err(|source| PullError::Client {
+            source: Box::new(source),
+        })?;
+        let registry = image.reference().resolve_registry();
+        let scheme = if settings
+            .plain_http
+            .iter()
+            .any(|host| host == image.registry())
+        {
+            "http"
+        } else {
+            "https"
+        };
+        let mut session = Self {
+            http: http.clone(),
+            base: format!("{scheme}://{registry}/v2/{}", image.repository()),
+            authorization: None,
             image: image.clone(),
             secret_id: secret_id.map(Arc::from),
         };
-        session
-            .client
+        let token = client
             .auth(image.reference(), &auth, RegistryOperation::Pull)
             .await
             .map_err(|err| session.classify(err))?;
+        session.authorization = match (token, auth) {
+            (Some(token), _) => Some(Arc::new(SecretString::from(format!("Bearer {token}")))),
+            (None, RegistryAuth::Basic(username, password)) => {
+                let encoded = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{password}"));
+                Some(Arc::new(SecretString::from(format!("Basic {encoded}"))))
+            }
+            (None, _) => None,
+        };
         Ok(session)
     }
 
-    /// Fetches a manifest or index by tag or digest; returns its bytes and digest.
+    fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        let request = self.http.get(url);
+        match &self.authorization {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.expose_secret()),
+            None => request,
+        }
+    }
+
+    /// Fetches a manifest or index by tag or digest (at most 4 MiB); returns its bytes and
+    /// digest, checked against the reference's digest and the registry's digest header, and
+    /// its body `mediaType` against the `Content-Type` (CVE-2021-41190).
     pub(crate) async fn manifest(
         &self,
         reference: &Reference,
     ) -> Result<(Bytes, String), PullError> {
-        let (body, digest) = self
-            .client
-            .pull_manifest_raw(reference, &RegistryAuth::Anonymous, manifest::ACCEPTED)
+        let tag_or_digest = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = format!("{}/manifests/{tag_or_digest}", self.base);
+        let response = self
+            .get(&url)
+            .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "))
+            .send()
             .await
-            .map_err(|err| self.classify(err))?;
+            .map_err(|err| self.unreachable(err))?;
+        let response = self.check_status(response)?;
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned());
+        let header_digest = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = self.read_capped(response, MAX_MANIFEST).await?;
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+        let mismatch = |expected: &str| PullError::Mismatch {
+            image: self.image.to_string(),
+            source: Mismatch::Digest {
+                digest: expected.to_owned(),
+                actual: digest.clone(),
+            },
+        };
+        if let Some(expected) = reference.digest() {
+            if expected != digest {
+                return Err(mismatch(expected));
+            }
+        }
+        if let Some(expected) = header_digest
+            .as_deref()
+            .filter(|d| d.starts_with("sha256:"))
+        {
+            if expected != digest {
+                return Err(mismatch(expected));
+            }
+        }
+        manifest::check_content_type(&body, content_type.as_deref()).map_err(|reason| {
+            PullError::Unsupported {
+                image: self.image.to_string(),
+                reason,
+            }
+        })?;
         Ok((body, digest))
     }
 
@@ -108,23 +234,80 @@ impl Session {
         desc: &Descriptor,
         offset: u64,
     ) -> Result<(BoxStream<'static, std::io::Result<Bytes>>, bool), PullError> {
-        let layer = oci_client::manifest::OciDescriptor {
-            media_type: desc.media_type.clone(),
-            digest: desc.digest.clone(),
-            size: i64::try_from(desc.size).unwrap_or(i64::MAX),
-            urls: None,
-            annotations: None,
-            artifact_type: None,
-        };
-        let response = self
-            .client
-            .pull_blob_stream_partial(self.image.reference(), &layer, offset, None)
-            .await
-            .map_err(|err| self.classify(err))?;
-        Ok(match response {
-            BlobResponse::Full(sized) => (sized.stream, offset == 0),
-            BlobResponse::Partial(sized) => (sized.stream, true),
+        let url = format!("{}/blobs/{}", self.base, desc.digest);
+        let mut request = self.get(&url);
+        if offset > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let response = request.send().await.map_err(|err| self.unreachable(err))?;
+        let response = self.check_status(response)?;
+        let from_offset = offset == 0 || response.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+        let stream = response.bytes_stream().map_err(std::io::Error::other);
+        Ok((Box::pin(stream), from_offset))
+    }
+
+    /// Reads a body, refusing more than `limit` bytes.
+    async fn read_capped(
+        &self,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Bytes, PullError> {
+        let mut body = bytes::BytesMut::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|err| self.unreachable(err))?;
+            if body.len() + chunk.len() > limit {
+                return Err(PullError::Unsupported {
+                    image: self.image.to_string(),
+                    reason: manifest::ManifestError("manifest larger than 4 MiB"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+
+    /// Success, or what the status means for the order.
+    fn check_status(&self, response: reqwest::Response) -> Result<reqwest::Response, PullError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let registry = self.image.registry().to_owned();
+        let repository = self.image.repository().to_owned();
+        Err(match status.as_u16() {
+            401 | 403 => PullError::Denied {
+                registry,
+                repository,
+                secret: self.secret_id.as_deref().map(str::to_owned),
+            },
+            404 => PullError::NotFound {
+                image: self.image.to_string(),
+            },
+            429 | 500..=599 => PullError::Unreachable {
+                registry,
+                source: format!("the registry answered {status}").into(),
+            },
+            _ => PullError::Registry {
+                registry,
+                repository,
+                source: format!("the registry answered {status}").into(),
+            },
         })
+    }
+
+    fn unreachable(&self, err: reqwest::Error) -> PullError {
+        if err.is_redirect() {
+            return PullError::Registry {
+                registry: self.image.registry().to_owned(),
+                repository: self.image.repository().to_owned(),
+                source: Box::new(err),
+            };
+        }
+        PullError::Unreachable {
+            registry: self.image.registry().to_owned(),
+            source: Box::new(err),
+        }
     }
 
     pub(crate) fn reference_with_digest(&self, digest: &str) -> Reference {
@@ -187,7 +370,7 @@ impl Session {
                     PullError::Registry {
                         registry,
                         repository,
-                        source: err,
+                        source: Box::new(err),
                     }
                 }
             }
@@ -228,7 +411,7 @@ impl Session {
             _ => PullError::Registry {
                 registry,
                 repository,
-                source: err,
+                source: Box::new(err),
             },
         }
     }
