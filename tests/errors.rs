@@ -98,6 +98,7 @@ async fn a_blob_corrupted_in_flight_is_data_loss() -> anyhow::Result<()> {
         RegistryKind::Htpasswd,
         EnvOptions {
             corrupting_proxy: true,
+            ..EnvOptions::default()
         },
     )
     .await?;

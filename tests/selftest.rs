@@ -324,3 +324,325 @@ async fn grpcurl_is_installed() -> anyhow::Result<()> {
     assert!(version.contains("grpcurl"), "{version}");
     Ok(())
 }
+
+/// `GET https://{registry}/v2/{repository}/manifests/{tag}` with `Authorization: Bearer {token}`.
+async fn manifest_status(
+    client: &reqwest::Client,
+    registry: &str,
+    repository: &str,
+    tag: &str,
+    token: &str,
+) -> anyhow::Result<reqwest::StatusCode> {
+    Ok(client
+        .get(format!(
+            "https://{registry}/v2/{repository}/manifests/{tag}"
+        ))
+        .header("Accept", crate::harness::image::MANIFEST_MEDIA_TYPE)
+        .bearer_auth(token)
+        .send()
+        .await?
+        .status())
+}
+
+/// The challenge a registry answers `GET /v2/` with.
+async fn challenge(client: &reqwest::Client, registry: &str) -> anyhow::Result<String> {
+    let response = client.get(format!("https://{registry}/v2/")).send().await?;
+    assert_eq!(response.status(), reqwest::StatusCode::UNAUTHORIZED);
+    Ok(response
+        .headers()
+        .get("www-authenticate")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acr_registry_accepts_tokens_from_the_basic_and_refresh_grants() -> anyhow::Result<()> {
+    use crate::harness::token_server::acr::random_guid;
+    use crate::harness::token_server::{RefreshRejection, TokenEndpoint};
+
+    let ca = TestCa::generate()?;
+    let pusher = RegistryUser::generate("pusher");
+    let token_server = TokenServer::start(&ca, &[]).await?;
+    token_server.add_acr_principal(&pusher, Grants::none().push_all());
+    let registry = Registry::start_acr(&ca, &token_server).await?;
+    let image = TestImage::busybox(&["echo", "hi"]);
+    for repository in ["acr/app", "acr/other"] {
+        push_image(&ca, registry.addr(), repository, "v1", &pusher, &image).await?;
+    }
+    let client = ca.http_client()?;
+    assert_eq!(
+        challenge(&client, registry.addr()).await?,
+        format!(
+            "Bearer realm=\"{}\",service=\"{}\"",
+            token_server.acr_realm(),
+            registry.addr()
+        )
+    );
+
+    // A service principal: Basic on GET; `{"access_token"}` only, as ACR documents.
+    let principal = RegistryUser::generate(&random_guid());
+    token_server.add_acr_principal(&principal, Grants::none().pull("acr/app"));
+    let answer: Value = client
+        .get(token_server.acr_realm())
+        .query(&[
+            ("service", registry.addr()),
+            ("scope", "repository:acr/app:pull"),
+        ])
+        .basic_auth(&principal.username, Some(&principal.password))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert!(answer.get("token").is_none() && answer.get("expires_in").is_none());
+    let token = answer["access_token"].as_str().unwrap();
+    assert_eq!(jwt_part(token, 1)["aud"], registry.addr());
+    let ok = manifest_status(&client, registry.addr(), "acr/app", "v1", token).await?;
+    assert_eq!(ok, reqwest::StatusCode::OK);
+    let denied = manifest_status(&client, registry.addr(), "acr/other", "v1", token).await?;
+    assert_eq!(denied, reqwest::StatusCode::UNAUTHORIZED);
+    let refused = client
+        .get(token_server.acr_realm())
+        .query(&[("service", registry.addr())])
+        .basic_auth(&principal.username, Some("wrong"))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        token_server.requests(TokenEndpoint::AcrBasic, &principal.username),
+        2
+    );
+
+    // AAD token -> refresh token -> access token (scopes space-separated and repeated).
+    let login = token_server.add_aad_identity("aad-user", Grants::none().pull("acr/app"));
+    let refresh_token = token_server
+        .exchange_for_refresh_token(&ca, registry.addr(), &login)
+        .await?;
+    assert_eq!(jwt_part(&refresh_token, 1)["aud"], registry.addr());
+    let refresh = |refresh_token: String| {
+        let client = client.clone();
+        let realm = token_server.acr_realm();
+        let service = registry.addr().to_owned();
+        async move {
+            client
+                .post(realm)
+                .form(&[
+                    ("grant_type", "refresh_token"),
+                    ("service", service.as_str()),
+                    ("scope", "repository:acr/other:pull repository:acr/app:pull"),
+                    ("scope", "repository:acr/app:push"),
+                    ("refresh_token", refresh_token.as_str()),
+                ])
+                .send()
+                .await
+        }
+    };
+    let answer: Value = refresh(refresh_token.clone())
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let token = answer["access_token"].as_str().unwrap();
+    assert_eq!(
+        jwt_part(token, 1)["access"],
+        serde_json::json!([{"type": "repository", "name": "acr/app", "actions": ["pull"]}])
+    );
+    let ok = manifest_status(&client, registry.addr(), "acr/app", "v1", token).await?;
+    assert_eq!(ok, reqwest::StatusCode::OK);
+    assert_eq!(
+        token_server.requests(TokenEndpoint::AcrRefresh, "aad-user"),
+        1
+    );
+    assert_eq!(
+        token_server.requests(TokenEndpoint::AcrExchange, "aad-user"),
+        1
+    );
+
+    let unknown = refresh("not-a-refresh-token".to_owned()).await?;
+    assert_eq!(unknown.status(), reqwest::StatusCode::UNAUTHORIZED);
+    token_server.expire_refresh_token(&refresh_token, RefreshRejection::InvalidGrant)?;
+    let expired = refresh(refresh_token.clone()).await?;
+    assert_eq!(expired.status(), reqwest::StatusCode::BAD_REQUEST);
+    assert_eq!(expired.json::<Value>().await?["error"], "invalid_grant");
+    token_server.expire_refresh_token(&refresh_token, RefreshRejection::Unauthorized)?;
+    let expired = refresh(refresh_token.clone()).await?;
+    assert_eq!(expired.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert!(expired.json::<Value>().await?["errors"].is_array());
+    assert_eq!(token_server.issued_refresh_tokens(), vec![refresh_token]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gar_front_hides_the_service_and_its_realm_takes_google_access_tokens() -> anyhow::Result<()>
+{
+    use crate::harness::google::{GoogleOAuth, CLOUD_PLATFORM_SCOPE, JWT_BEARER_GRANT};
+    use crate::harness::proxy::ServicelessFront;
+    use crate::harness::token_server::TokenEndpoint;
+
+    let ca = TestCa::generate()?;
+    let pusher = RegistryUser::generate("pusher");
+    let google = GoogleOAuth::start(&ca).await?;
+    let token_server = TokenServer::start(&ca, &[]).await?;
+    token_server.trust_google(&google)?;
+    token_server.add_gar_user(&pusher, Grants::none().push_all());
+    let registry = Registry::start_gar(&ca, &token_server).await?;
+    let front = ServicelessFront::start(&ca, registry.addr()).await?;
+    let image = TestImage::busybox(&["echo", "hi"]);
+    for repository in ["proj/repo/app", "proj/repo/other"] {
+        push_image(&ca, registry.addr(), repository, "v1", &pusher, &image).await?;
+    }
+    let client = ca.http_client()?;
+    assert_eq!(
+        challenge(&client, front.addr()).await?,
+        format!("Bearer realm=\"{}\"", token_server.gar_realm())
+    );
+    assert_eq!(front.rewritten_challenges(), 1);
+
+    let account = google.create_service_account("puller").await?;
+    token_server.grant_service_account(&account, Grants::none().pull("proj/repo/app"));
+    let key: Value = serde_json::from_str(&account.json_key())?;
+    assert_eq!(key["type"], "service_account");
+    assert_eq!(key["token_uri"], google.token_uri());
+    assert!(key["private_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN PRIVATE KEY-----\n"));
+    let needles = account.private_key_needles();
+    assert_eq!(needles.len(), 3);
+    assert!(needles
+        .iter()
+        .all(|needle| needle.len() == 40 && account.json_key().contains(needle.as_str())));
+    assert!(!format!("{account:?}").contains(&needles[0]));
+
+    let post = |assertion: String, grant_type: &'static str| {
+        let client = client.clone();
+        let url = google.token_uri().to_owned();
+        async move {
+            client
+                .post(url)
+                .form(&[
+                    ("grant_type", grant_type),
+                    ("assertion", assertion.as_str()),
+                ])
+                .send()
+                .await
+        }
+    };
+    let answer: Value = post(account.assertion()?, JWT_BEARER_GRANT)
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(answer["expires_in"], 3599);
+    assert_eq!(answer["token_type"], "Bearer");
+    let access_token = answer["access_token"].as_str().unwrap();
+    assert!(access_token.starts_with("ya29."));
+
+    // The realm: no service, Basic oauth2accesstoken:<access token>.
+    let answer: Value = client
+        .get(token_server.gar_realm())
+        .query(&[("scope", "repository:proj/repo/app:pull")])
+        .basic_auth("oauth2accesstoken", Some(access_token))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let token = answer["token"].as_str().unwrap();
+    assert_eq!(jwt_part(token, 1)["aud"], token_server.gar_service());
+    assert_eq!(jwt_part(token, 1)["sub"], account.client_email.as_str());
+    let ok = manifest_status(&client, front.addr(), "proj/repo/app", "v1", token).await?;
+    assert_eq!(ok, reqwest::StatusCode::OK);
+    let denied = manifest_status(&client, front.addr(), "proj/repo/other", "v1", token).await?;
+    assert_eq!(denied, reqwest::StatusCode::UNAUTHORIZED);
+    let unknown = client
+        .get(token_server.gar_realm())
+        .basic_auth("oauth2accesstoken", Some("ya29.made-up"))
+        .send()
+        .await?;
+    assert_eq!(unknown.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        token_server.requests(TokenEndpoint::Gar, &account.client_email),
+        1
+    );
+
+    // Assertions Google refuses: each one claim off.
+    let stranger = google.create_service_account("stranger").await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = |aud: &str, scope: &str, iat: u64, exp: u64| serde_json::json!({"iss": account.client_email, "scope": scope, "aud": aud, "iat": iat, "exp": exp});
+    let header = serde_json::json!({"typ": "JWT", "kid": account.private_key_id});
+    let uri = google.token_uri();
+    let bad = [
+        (
+            "another audience",
+            account.sign_jwt(
+                &header,
+                &claims(
+                    "https://oauth2.googleapis.com/token",
+                    CLOUD_PLATFORM_SCOPE,
+                    now,
+                    now + 3600,
+                ),
+            )?,
+        ),
+        (
+            "no cloud-platform scope",
+            account.sign_jwt(
+                &header,
+                &claims(
+                    uri,
+                    "https://www.googleapis.com/auth/devstorage.read_only",
+                    now,
+                    now + 3600,
+                ),
+            )?,
+        ),
+        (
+            "longer than an hour",
+            account.sign_jwt(&header, &claims(uri, CLOUD_PLATFORM_SCOPE, now, now + 3601))?,
+        ),
+        (
+            "expired",
+            account.sign_jwt(
+                &header,
+                &claims(uri, CLOUD_PLATFORM_SCOPE, now - 7200, now - 3600),
+            )?,
+        ),
+        (
+            "another key",
+            stranger.sign_jwt(
+                &serde_json::json!({"typ": "JWT"}),
+                &claims(uri, CLOUD_PLATFORM_SCOPE, now, now + 3600),
+            )?,
+        ),
+        (
+            "another kid",
+            account.sign_jwt(
+                &serde_json::json!({"kid": stranger.private_key_id}),
+                &claims(uri, CLOUD_PLATFORM_SCOPE, now, now + 3600),
+            )?,
+        ),
+    ];
+    for (what, assertion) in bad {
+        let refused = post(assertion, JWT_BEARER_GRANT).await?;
+        assert_eq!(refused.status(), reqwest::StatusCode::BAD_REQUEST, "{what}");
+        assert_eq!(
+            refused.json::<Value>().await?["error"],
+            "invalid_grant",
+            "{what}"
+        );
+    }
+    let wrong_grant = post(account.assertion()?, "client_credentials").await?;
+    assert_eq!(wrong_grant.status(), reqwest::StatusCode::BAD_REQUEST);
+    assert_eq!(
+        wrong_grant.json::<Value>().await?["error"],
+        "unsupported_grant_type"
+    );
+    assert_eq!(google.token_requests_by(&account.client_email), 8);
+    assert_eq!(google.issued_access_tokens().len(), 1);
+    assert_eq!(google.refusals().len(), 7, "{:?}", google.refusals());
+    Ok(())
+}

@@ -134,6 +134,78 @@ impl Default for OpenbaoConfig {
     }
 }
 
+impl OpenbaoConfig {
+    /// `address` is http(s)://host[:port]; `mount` and `prefix` are plain path segments; exactly
+    /// one way to authenticate: `token_file`, or `role_id_file` with `secret_id_file` (AppRole).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let address = reqwest::Url::parse(&self.address)
+            .map_err(|_| invalid("secrets.openbao.address", "expected http(s)://host[:port]"))?;
+        if !matches!(address.scheme(), "http" | "https")
+            || address.host_str().is_none_or(str::is_empty)
+            || !address.username().is_empty()
+            || address.password().is_some()
+            || address.path() != "/"
+            || address.query().is_some()
+            || address.fragment().is_some()
+        {
+            return Err(invalid(
+                "secrets.openbao.address",
+                "expected http(s)://host[:port], without a path, user or query",
+            ));
+        }
+        if !is_openbao_path(&self.mount) {
+            return Err(invalid(
+                "secrets.openbao.mount",
+                "use segments of [A-Za-z0-9._-] separated by '/'",
+            ));
+        }
+        if !is_openbao_path(&self.prefix) {
+            return Err(invalid(
+                "secrets.openbao.prefix",
+                "use segments of [A-Za-z0-9._-] separated by '/'",
+            ));
+        }
+        let token = !self.token_file.is_empty();
+        let role_id = !self.role_id_file.is_empty();
+        let secret_id = !self.secret_id_file.is_empty();
+        match (token, role_id, secret_id) {
+            (true, false, false) | (false, true, true) => {}
+            (false, false, false) => {
+                return Err(invalid(
+                    "secrets.openbao",
+                    "set token_file, or role_id_file and secret_id_file (AppRole)",
+                ))
+            }
+            (true, _, _) => {
+                return Err(invalid(
+                    "secrets.openbao",
+                    "set token_file or role_id_file + secret_id_file, not both",
+                ))
+            }
+            (false, true, false) | (false, false, true) => {
+                return Err(invalid(
+                    "secrets.openbao",
+                    "AppRole needs both role_id_file and secret_id_file",
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `a`, `a/b`: non-empty segments of `[A-Za-z0-9._-]`, none of them `.` or `..`.
+fn is_openbao_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+        })
+}
+
 /// `[registry]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -280,10 +352,7 @@ impl Config {
             return Err(invalid("containerd.snapshotter", "must not be empty"));
         }
         if self.secrets.backend == SecretsBackend::Openbao {
-            return Err(invalid(
-                "secrets.backend",
-                "the openbao backend is not available in this build yet",
-            ));
+            self.secrets.openbao.validate()?;
         }
         if self.registry.max_concurrent_downloads == 0 {
             return Err(invalid(
@@ -374,6 +443,71 @@ mod tests {
         assert_eq!(config.registry.mirror.len(), 1);
         assert!(!config.registry.mirror[0].credentials);
         assert_eq!(config.access[0].projects, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn openbao_needs_exactly_one_way_to_log_in() {
+        let section =
+            |body: &str| format!("[secrets]\nbackend = \"openbao\"\n[secrets.openbao]\n{body}");
+        let token = parse(&section("token_file = \"/etc/berth/bao-token\"\n")).unwrap();
+        assert_eq!(token.secrets.backend, SecretsBackend::Openbao);
+        assert_eq!(token.secrets.openbao.mount, "secret");
+        assert_eq!(token.secrets.openbao.prefix, "berth");
+        parse(&section(
+            "address = \"http://127.0.0.1:8200\"\nrole_id_file = \"/r\"\nsecret_id_file = \"/s\"\nprefix = \"fleet/berth\"\n",
+        ))
+        .unwrap();
+
+        for (body, needle) in [
+            ("", "token_file"),
+            (
+                "token_file = \"/t\"\nrole_id_file = \"/r\"\nsecret_id_file = \"/s\"\n",
+                "not both",
+            ),
+            ("token_file = \"/t\"\nsecret_id_file = \"/s\"\n", "not both"),
+            ("role_id_file = \"/r\"\n", "both"),
+            ("secret_id_file = \"/s\"\n", "both"),
+        ] {
+            let err = parse(&section(body)).unwrap_err();
+            assert!(err.to_string().contains(needle), "{body:?}: {err}");
+        }
+        // The openbao section is not checked while the file backend is in use.
+        parse("[secrets.openbao]\naddress = \"ftp://x\"\n").unwrap();
+    }
+
+    #[test]
+    fn openbao_address_mount_and_prefix_are_checked() {
+        let with = |line: &str| {
+            parse(&format!(
+                "[secrets]\nbackend = \"openbao\"\n[secrets.openbao]\ntoken_file = \"/t\"\n{line}\n"
+            ))
+        };
+        for good in [
+            "address = \"https://bao.example:8200\"",
+            "address = \"http://127.0.0.1:8200/\"",
+            "mount = \"kv/berth\"",
+            "prefix = \"fleet.v1/berth_a-b\"",
+        ] {
+            with(good).unwrap();
+        }
+        for (bad, key) in [
+            ("address = \"ftp://bao.example\"", "address"),
+            ("address = \"bao.example:8200\"", "address"),
+            ("address = \"https://bao.example/v1\"", "address"),
+            ("address = \"https://u:p@bao.example\"", "address"),
+            ("address = \"https://bao.example?x=1\"", "address"),
+            ("mount = \"\"", "mount"),
+            ("mount = \"/secret\"", "mount"),
+            ("prefix = \"berth/\"", "prefix"),
+            ("prefix = \"../x\"", "prefix"),
+            ("prefix = \"a b\"", "prefix"),
+        ] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("secrets.openbao.{key}")),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

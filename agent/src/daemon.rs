@@ -22,7 +22,7 @@ use crate::containerd::Containerd;
 use crate::metrics::SharedMetrics;
 use crate::pull::{Puller, RegistrySettings};
 use crate::run::Runner;
-use crate::secret::{FileStore, SecretStore};
+use crate::secret::SecretStore;
 
 /// How long in-flight orders may run on after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -78,9 +78,8 @@ pub async fn run(
     create_private_dir(&config.state_dir)?;
     let logs_dir = config.state_dir.join("logs");
     create_private_dir(&logs_dir)?;
-    let store = FileStore::open(&config.state_dir, &config.secrets.key_file)
-        .map_err(|err| DaemonError::Secrets(Box::new(err)))?;
-    let secrets = Arc::new(SecretStore::File(store));
+    let secrets =
+        Arc::new(SecretStore::open(&config).map_err(|err| DaemonError::Secrets(Box::new(err)))?);
 
     let mut ca_pems = Vec::new();
     for path in &config.registry.ca_files {
@@ -119,7 +118,8 @@ pub async fn run(
         settings,
         Duration::from_secs(config.registry.pull_deadline_seconds),
         metrics.clone(),
-    );
+    )
+    .map_err(|err| DaemonError::Auth(Box::new(err)))?;
     let runner = Runner::new(
         containerd.clone(),
         puller,
@@ -127,7 +127,10 @@ pub async fn run(
         Arc::new(auth),
         logs_dir,
         metrics.clone(),
-    );
+    )
+    .with_access_check_ttl(Duration::from_secs(
+        config.security.access_check_ttl_seconds,
+    ));
     let tasks = TaskTracker::new();
     let metrics_stop = CancellationToken::new();
     if !config.metrics_listen.is_empty() {
@@ -178,8 +181,8 @@ pub async fn run(
 
     // Runs beside the server and ends with it, whether or not containerd ever answered.
     let ready = async {
-        notify_when_ready(containerd.clone()).await;
-        std::future::pending::<()>().await;
+        notify_when_ready(&containerd).await;
+        watchdog(&containerd).await;
     };
     let result = match listen {
         ListenAddr::Unix(path) => {
@@ -210,6 +213,14 @@ pub async fn run(
             }
         }
     };
+    sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping; waiting for in-flight orders"),
+        ],
+    )
+    .ok();
     info!("api closed; waiting for in-flight orders");
     metrics_stop.cancel();
     tasks.close();
@@ -265,22 +276,70 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// Sends READY=1 once containerd answers (the API is bound before this runs).
-async fn notify_when_ready(containerd: Containerd) {
+/// Sends READY=1 once containerd answers (the API is bound before this runs), with STATUS=
+/// lines on the way.
+async fn notify_when_ready(containerd: &Containerd) {
     let mut delay = Duration::from_millis(100);
+    let mut reported = false;
     loop {
         match containerd.version().await {
             Ok(version) => {
                 info!(containerd = %version, socket = %containerd.socket().display(), "containerd answered; ready");
-                sd_notify::notify(false, &[sd_notify::NotifyState::Ready]).ok();
+                let status = format!("serving; containerd {version}");
+                sd_notify::notify(
+                    false,
+                    &[
+                        sd_notify::NotifyState::Ready,
+                        sd_notify::NotifyState::Status(&status),
+                    ],
+                )
+                .ok();
                 return;
             }
             Err(err) => {
+                if !reported {
+                    let status = format!(
+                        "waiting for containerd at {}",
+                        containerd.socket().display()
+                    );
+                    sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]).ok();
+                    reported = true;
+                }
                 warn!(error = %err, socket = %containerd.socket().display(), "containerd not answering yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+/// With `WatchdogSec=` set, pings systemd at half the interval while the runtime is alive, and
+/// keeps STATUS= saying whether containerd answers. Never returns.
+async fn watchdog(containerd: &Containerd) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return std::future::pending().await;
+    }
+    let period = Duration::from_micros(usec) / 2;
+    let mut containerd_up = true;
+    loop {
+        tokio::time::sleep(period).await;
+        let up = tokio::time::timeout(period, containerd.version())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if up != containerd_up {
+            let status = if up {
+                "serving".to_owned()
+            } else {
+                format!(
+                    "containerd at {} not answering",
+                    containerd.socket().display()
+                )
+            };
+            sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]).ok();
+            containerd_up = up;
+        }
+        sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]).ok();
     }
 }
 

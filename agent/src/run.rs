@@ -135,6 +135,7 @@ pub(crate) struct Runner {
     logs_dir: PathBuf,
     locks: Arc<KeyedLocks>,
     metrics: SharedMetrics,
+    access_checks: Arc<AccessChecks>,
 }
 
 impl Runner {
@@ -154,7 +155,17 @@ impl Runner {
             logs_dir,
             locks: Arc::default(),
             metrics,
+            access_checks: Arc::default(),
         }
+    }
+
+    /// How long a positive access check of a cached private image is reused.
+    pub(crate) fn with_access_check_ttl(mut self, ttl: Duration) -> Self {
+        self.access_checks = Arc::new(AccessChecks {
+            ttl,
+            passed: std::sync::Mutex::default(),
+        });
+        self
     }
 
     /// Starts the container an order asks for; the same order again returns the same container.
@@ -331,11 +342,20 @@ impl Runner {
                         }
                         .into());
                     }
-                    self.with_grant(secret, image_ref, |auth| {
-                        self.puller
-                            .check_access(image_ref, auth, secret_id.as_deref())
-                    })
-                    .await?;
+                    let key = AccessKey {
+                        project: order.project.clone(),
+                        secret: secret_id.clone().unwrap_or_default(),
+                        repository: format!("{}/{}", image_ref.registry(), image_ref.repository()),
+                        digest: image.manifest_digest.clone(),
+                    };
+                    if !self.access_checks.recently_passed(&key) {
+                        self.with_grant(secret, image_ref, |auth| {
+                            self.puller
+                                .check_access(image_ref, auth, secret_id.as_deref())
+                        })
+                        .await?;
+                        self.access_checks.passed(key);
+                    }
                 }
                 return Ok(image);
             }
@@ -645,6 +665,54 @@ async fn prepare_log(path: &Path) -> Result<(), RunError> {
     Ok(())
 }
 
+/// What a positive access check of a cached private image was for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AccessKey {
+    project: String,
+    secret: String,
+    repository: String,
+    digest: String,
+}
+
+/// Positive access checks, reused for `ttl` (`[security] access_check_ttl_seconds`).
+#[derive(Debug)]
+struct AccessChecks {
+    ttl: Duration,
+    passed: std::sync::Mutex<HashMap<AccessKey, tokio::time::Instant>>,
+}
+
+impl Default for AccessChecks {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(300),
+            passed: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl AccessChecks {
+    fn recently_passed(&self, key: &AccessKey) -> bool {
+        let mut passed = self
+            .passed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        passed.retain(|_, at| now.duration_since(*at) < self.ttl);
+        passed.contains_key(key)
+    }
+
+    fn passed(&self, key: AccessKey) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut passed = self
+            .passed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        passed.insert(key, tokio::time::Instant::now());
+    }
+}
+
 /// One async mutex per key (order id, container id, image name); unused keys are pruned.
 #[derive(Debug, Default)]
 pub(crate) struct KeyedLocks {
@@ -683,6 +751,33 @@ mod tests {
     fn filter_values_are_quoted() {
         assert_eq!(quote("o-1"), "\"o-1\"");
         assert_eq!(quote("a\"b"), "\"a\\\"b\"");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn access_checks_are_reused_for_their_ttl_only() {
+        let checks = AccessChecks {
+            ttl: Duration::from_secs(300),
+            passed: std::sync::Mutex::default(),
+        };
+        let key = AccessKey {
+            project: "a".into(),
+            secret: "secret-x".into(),
+            repository: "r/app".into(),
+            digest: "sha256:1".into(),
+        };
+        assert!(!checks.recently_passed(&key));
+        checks.passed(key.clone());
+        assert!(checks.recently_passed(&key));
+        let other_project = AccessKey {
+            project: "b".into(),
+            ..key.clone()
+        };
+        assert!(
+            !checks.recently_passed(&other_project),
+            "a pass is per project"
+        );
+        tokio::time::advance(Duration::from_secs(301)).await;
+        assert!(!checks.recently_passed(&key), "expired after the ttl");
     }
 
     #[tokio::test]

@@ -79,6 +79,17 @@ impl Berthd {
         ca: &TestCa,
         options: &BerthdOptions,
     ) -> anyhow::Result<Self> {
+        Self::start_with_secrets(containerd, ca, options, None).await
+    }
+
+    /// [`Self::start`], with `secrets_toml` (when given) in place of the `[secrets]` section of
+    /// the file backend: the openbao backend, say.
+    pub async fn start_with_secrets(
+        containerd: &Containerd,
+        ca: &TestCa,
+        options: &BerthdOptions,
+        secrets_toml: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let berthd = binary("berthd")?;
         let dir = temp_dir("berthd")?;
         let socket = dir.path().join("berthd.sock");
@@ -92,6 +103,7 @@ impl Berthd {
             namespace: containerd.namespace(),
             ca_file: ca.ca_pem_path(),
             plain_http: &options.plain_http,
+            secrets_toml,
         })?;
         std::fs::write(&config_path, config)
             .with_context(|| format!("writing {}", config_path.display()))?;
@@ -233,6 +245,7 @@ struct ConfigPaths<'a> {
     namespace: &'a str,
     ca_file: &'a Path,
     plain_http: &'a [String],
+    secrets_toml: Option<&'a str>,
 }
 
 /// A TOML basic string (a JSON string is one).
@@ -259,9 +272,7 @@ fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
          socket = {containerd_socket}\n\
          namespace = {namespace}\n\
          \n\
-         [secrets]\n\
-         backend = \"file\"\n\
-         key_file = {key_file}\n\
+         {secrets}\n\
          \n\
          [registry]\n\
          ca_files = [{ca_file}]\n\
@@ -270,7 +281,13 @@ fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
         state_dir = toml_path(paths.state_dir)?,
         containerd_socket = toml_path(paths.containerd_socket)?,
         namespace = toml_string(paths.namespace)?,
-        key_file = toml_path(paths.key_file)?,
+        secrets = match paths.secrets_toml {
+            Some(secrets) => secrets.trim_end().to_owned(),
+            None => format!(
+                "[secrets]\nbackend = \"file\"\nkey_file = {}",
+                toml_path(paths.key_file)?
+            ),
+        },
         ca_file = toml_path(paths.ca_file)?,
     ))
 }

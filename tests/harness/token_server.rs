@@ -1,10 +1,23 @@
-//! A Docker Registry v2 token server (docs/spec/auth/token.md), in process over TLS.
+//! Registry token servers (docs/spec/auth/token.md and the ACR and GAR variants), in process over
+//! TLS on one port, all minting the ES256 JWTs distribution 2.8 verifies.
 //!
-//! `GET /token?service=..&scope=..(&scope=..)` with optional `Authorization: Basic`. A wrong
-//! password (or an unknown user) gets 401; anyone else gets an ES256 JWT granting the intersection
-//! of the requested scopes and the user's grants (anonymous: none), which is protocol-correct: the
-//! registry then answers 401 `insufficient_scope`. The JWT's `kid` is the libtrust key id of the
-//! signing key, whose self-signed certificate is the registry's `rootcertbundle` (protocols.md A6-A8).
+//! - Docker, `GET /token?service=..&scope=..(&scope=..)` with optional `Authorization: Basic`. A
+//!   wrong password (or an unknown user) gets 401; anyone else gets a JWT granting the
+//!   intersection of the requested scopes and the user's grants (anonymous: none), which is
+//!   protocol-correct: the registry then answers 401 `insufficient_scope`. `POST` gets 404, which
+//!   tells an OAuth2 client to fall back to `GET` (oauth.md).
+//! - ACR ([`acr`], protocols.md §C): `GET /oauth2/token` with a service principal's Basic,
+//!   `POST /oauth2/token` with `grant_type=refresh_token`, `POST /oauth2/exchange` (AAD access
+//!   token -> ACR refresh token). The service is each ACR registry's own `host:port`.
+//! - GAR ([`gar`], protocols.md §D): `GET /v2/token` with Basic `oauth2accesstoken:<Google access
+//!   token>` (issued by [`super::google::GoogleOAuth`]); the service may be absent.
+//!
+//! The JWT's `kid` is the libtrust key id of the signing key, whose self-signed certificate is
+//! every token registry's `rootcertbundle` (protocols.md A6-A8). Requests are counted per endpoint
+//! and identity, so tests can assert caching; every token handed out is kept for leak scans.
+
+pub mod acr;
+pub mod gar;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,7 +28,7 @@ use anyhow::Context as _;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse as _, Response};
-use axum::routing::any;
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
@@ -31,18 +44,20 @@ use super::credentials::RegistryUser;
 use super::server::ServerTask;
 use super::{random_lowercase, temp_dir};
 
-/// Lifetime of every token, in seconds.
-const EXPIRES_IN: u64 = 300;
+pub use acr::RefreshRejection;
+
+/// Lifetime of every registry token, in seconds.
+pub const EXPIRES_IN: u64 = 300;
 
 /// A grant on every repository.
 const ALL_REPOSITORIES: &str = "*";
 
-/// What one user may do: repository name (or `*`) -> actions.
+/// What one identity may do: repository name (or `*`) -> actions.
 #[derive(Debug, Clone, Default)]
 pub struct Grants(BTreeMap<String, BTreeSet<String>>);
 
 impl Grants {
-    /// No access to anything (the user still authenticates and gets an empty token).
+    /// No access to anything (the identity still authenticates and gets an empty token).
     pub fn none() -> Self {
         Self::default()
     }
@@ -76,27 +91,55 @@ impl Grants {
     }
 }
 
+/// The token endpoints, for request counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TokenEndpoint {
+    /// `GET /token` (Docker; Basic). Identity: the user name, "" for anonymous.
+    Docker,
+    /// `GET /oauth2/token` (ACR; a service principal's Basic). Identity: the user name.
+    AcrBasic,
+    /// `POST /oauth2/token` (ACR; `grant_type=refresh_token`). Identity: the AAD identity the
+    /// refresh token was issued to, "" for an unknown refresh token.
+    AcrRefresh,
+    /// `POST /oauth2/exchange` (ACR; AAD access token -> refresh token). Identity: the AAD
+    /// identity, "" for an unknown access token.
+    AcrExchange,
+    /// `GET /v2/token` (GAR; Basic `oauth2accesstoken:<Google access token>`). Identity: the
+    /// service account's email, else the Basic user name.
+    Gar,
+}
+
+/// Basic users of one realm: user name -> (password, grants).
+type Users = Mutex<HashMap<String, (String, Grants)>>;
+
 /// The running token server.
 #[derive(Debug)]
 pub struct TokenServer {
     state: Arc<TokenState>,
-    realm: String,
+    addr: String,
     signing_cert_path: PathBuf,
     _server: ServerTask,
     _dir: TempDir,
 }
 
-struct TokenState {
+pub(crate) struct TokenState {
     issuer: String,
+    /// The Docker registry's service (its JWT audience).
     service: String,
+    /// The GAR registry's configured service; its challenge does not show it.
+    gar_service: String,
     kid: String,
     signer: EcdsaKeyPair,
     random: SystemRandom,
-    users: Mutex<HashMap<String, (String, Grants)>>,
-    /// Token requests per user name ("" for anonymous), failed ones included.
-    requests: Mutex<HashMap<String, usize>>,
-    /// Every token handed out, for leak scans.
+    users: Users,
+    acr: acr::AcrState,
+    gar: gar::GarState,
+    /// Token requests per (endpoint, identity), refused ones included.
+    requests: Mutex<BTreeMap<(TokenEndpoint, String), usize>>,
+    /// Every registry token handed out, for leak scans.
     issued: Mutex<Vec<String>>,
+    /// Why requests were refused (no secrets), for failure messages.
+    refusals: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for TokenState {
@@ -105,13 +148,14 @@ impl std::fmt::Debug for TokenState {
             .debug_struct("TokenState")
             .field("issuer", &self.issuer)
             .field("service", &self.service)
+            .field("gar_service", &self.gar_service)
             .field("kid", &self.kid)
             .finish_non_exhaustive()
     }
 }
 
 impl TokenServer {
-    /// Starts on a fresh 127.0.0.1 port with the CA's server certificate, with these users.
+    /// Starts on a fresh 127.0.0.1 port with the CA's server certificate, with these Docker users.
     pub async fn start(ca: &TestCa, users: &[(&RegistryUser, Grants)]) -> anyhow::Result<Self> {
         let dir = temp_dir("token-server")?;
         let signing_key = KeyPair::generate().context("generating the token signing key")?;
@@ -137,29 +181,32 @@ impl TokenServer {
         let state = Arc::new(TokenState {
             issuer: "berth-test-issuer".to_owned(),
             service: "berth-test-registry".to_owned(),
+            gar_service: "berth-test-gar".to_owned(),
             kid: libtrust_key_id(&signing_key.subject_public_key_info()),
             signer,
             random,
-            users: Mutex::new(
-                users
-                    .iter()
-                    .map(|(user, grants)| {
-                        (
-                            user.username.clone(),
-                            (user.password.clone(), grants.clone()),
-                        )
-                    })
-                    .collect(),
-            ),
+            users: Mutex::default(),
+            acr: acr::AcrState::default(),
+            gar: gar::GarState::default(),
             requests: Mutex::default(),
             issued: Mutex::default(),
+            refusals: Mutex::default(),
         });
+        for (user, grants) in users {
+            add_user(&state.users, user, grants.clone());
+        }
         let router = Router::new()
-            .route("/token", any(token))
+            .route("/token", any(docker_token))
+            .route(
+                "/oauth2/token",
+                get(acr::basic_token).post(acr::refresh_token),
+            )
+            .route("/oauth2/exchange", post(acr::exchange))
+            .route("/v2/token", get(gar::token))
             .with_state(Arc::clone(&state));
         let server = ServerTask::start(router, Some(ca.rustls_server_config()?)).await?;
         Ok(Self {
-            realm: format!("https://{}/token", server.addr()),
+            addr: server.addr().to_string(),
             state,
             signing_cert_path,
             _server: server,
@@ -167,44 +214,157 @@ impl TokenServer {
         })
     }
 
-    /// `https://127.0.0.1:PORT/token`: the registry's `auth.token.realm`.
-    pub fn realm(&self) -> &str {
-        &self.realm
+    /// `https://127.0.0.1:PORT/token`: the Docker registry's `auth.token.realm`.
+    pub fn realm(&self) -> String {
+        format!("https://{}/token", self.addr)
     }
 
-    /// The JWT audience and the challenge's `service`.
+    /// `https://127.0.0.1:PORT/oauth2/token`: an ACR registry's `auth.token.realm`.
+    pub fn acr_realm(&self) -> String {
+        format!("https://{}/oauth2/token", self.addr)
+    }
+
+    /// `https://127.0.0.1:PORT/oauth2/exchange`.
+    pub fn acr_exchange_url(&self) -> String {
+        format!("https://{}/oauth2/exchange", self.addr)
+    }
+
+    /// `https://127.0.0.1:PORT/v2/token`: the GAR registry's `auth.token.realm`.
+    pub fn gar_realm(&self) -> String {
+        format!("https://{}/v2/token", self.addr)
+    }
+
+    /// The Docker registry's JWT audience and challenge `service`.
     pub fn service(&self) -> &str {
         &self.state.service
+    }
+
+    /// The GAR registry's JWT audience (configured in the registry, dropped from its challenge).
+    pub fn gar_service(&self) -> &str {
+        &self.state.gar_service
     }
 
     pub fn issuer(&self) -> &str {
         &self.state.issuer
     }
 
-    /// The PEM of the signing certificate: the registry's `rootcertbundle`.
+    /// The PEM of the signing certificate: every token registry's `rootcertbundle`.
     pub fn signing_cert_path(&self) -> &Path {
         &self.signing_cert_path
     }
 
-    /// How many token requests `username` made ("" for anonymous), refused ones included.
+    /// Adds (or replaces) a Docker user.
+    pub fn add_user(&self, user: &RegistryUser, grants: Grants) {
+        add_user(&self.state.users, user, grants);
+    }
+
+    /// How many `GET /token` requests `username` made ("" for anonymous), refused ones included.
     pub fn requests_by(&self, username: &str) -> usize {
+        self.requests(TokenEndpoint::Docker, username)
+    }
+
+    /// How many requests `identity` made to `endpoint` (see [`TokenEndpoint`]), refused ones
+    /// included.
+    pub fn requests(&self, endpoint: TokenEndpoint, identity: &str) -> usize {
         lock(&self.state.requests)
-            .get(username)
+            .get(&(endpoint, identity.to_owned()))
             .copied()
             .unwrap_or(0)
     }
 
-    /// Every token issued so far.
+    /// Every request count so far, as `endpoint identity: count` lines (for failure messages).
+    pub fn request_summary(&self) -> String {
+        lock(&self.state.requests)
+            .iter()
+            .map(|((endpoint, identity), count)| format!("{endpoint:?} {identity:?}: {count}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Every registry token issued so far (all realms).
     pub fn issued_tokens(&self) -> Vec<String> {
         lock(&self.state.issued).clone()
     }
+
+    /// Why requests were refused so far (never secret material).
+    pub fn refusals(&self) -> Vec<String> {
+        lock(&self.state.refusals).clone()
+    }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn add_user(users: &Users, user: &RegistryUser, grants: Grants) {
+    lock(users).insert(user.username.clone(), (user.password.clone(), grants));
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn token(
+/// Seconds since the epoch.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or_default()
+}
+
+impl TokenState {
+    fn count(&self, endpoint: TokenEndpoint, identity: &str) {
+        *lock(&self.requests)
+            .entry((endpoint, identity.to_owned()))
+            .or_default() += 1;
+    }
+
+    fn refuse(&self, endpoint: TokenEndpoint, reason: String) {
+        lock(&self.refusals).push(format!("{endpoint:?}: {reason}"));
+    }
+
+    /// The grants of a Basic user of `users` whose password matches.
+    fn authenticate(&self, users: &Users, username: &str, password: &str) -> Option<Grants> {
+        match lock(users).get(username) {
+            Some((expected, grants)) if expected == password => Some(grants.clone()),
+            _ => None,
+        }
+    }
+
+    /// A registry JWT for `audience` granting `access`, remembered for leak scans.
+    fn issue(&self, subject: &str, audience: &str, access: Vec<Value>) -> anyhow::Result<String> {
+        let now = unix_now();
+        let token = self.sign(&json!({
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": audience,
+            "exp": now + EXPIRES_IN,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": random_lowercase(16),
+            "access": access,
+        }))?;
+        lock(&self.issued).push(token.clone());
+        Ok(token)
+    }
+
+    /// An ES256 JWT of `claims` with a raw `r||s` signature and the libtrust `kid` (protocols.md
+    /// A7); callers keep times integers and `aud` a string.
+    fn sign(&self, claims: &Value) -> anyhow::Result<String> {
+        let header = json!({"typ": "JWT", "alg": "ES256", "kid": self.kid});
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?),
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims)?)
+        );
+        let signature = self
+            .signer
+            .sign(&self.random, signing_input.as_bytes())
+            .map_err(|unspecified| anyhow::anyhow!("signing a token: {unspecified}"))?;
+        Ok(format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(signature.as_ref())
+        ))
+    }
+}
+
+async fn docker_token(
     State(state): State<Arc<TokenState>>,
     method: Method,
     headers: HeaderMap,
@@ -212,6 +372,10 @@ async fn token(
 ) -> Response {
     if method != Method::GET {
         // The OAuth2 POST flow is not implemented; 404 is what tells a client to fall back to GET.
+        state.refuse(
+            TokenEndpoint::Docker,
+            format!("{method} answered 404 (no OAuth2 form flow: fall back to GET)"),
+        );
         return StatusCode::NOT_FOUND.into_response();
     }
     let credentials = basic_credentials(&headers);
@@ -219,43 +383,63 @@ async fn token(
         .as_ref()
         .map(|(username, _)| username.clone())
         .unwrap_or_default();
-    *lock(&state.requests).entry(username.clone()).or_default() += 1;
+    state.count(TokenEndpoint::Docker, &username);
 
     let grants = match &credentials {
         None => Grants::none(),
-        Some((username, password)) => match lock(&state.users).get(username) {
-            Some((expected, grants)) if expected == password => grants.clone(),
-            _ => return unauthorized(),
+        Some((username, password)) => match state.authenticate(&state.users, username, password) {
+            Some(grants) => grants,
+            None => {
+                state.refuse(
+                    TokenEndpoint::Docker,
+                    format!("unknown user or wrong password for {username:?}"),
+                );
+                return unauthorized();
+            }
         },
     };
     if query
         .iter()
         .any(|(key, value)| key == "service" && value != &state.service)
     {
+        state.refuse(TokenEndpoint::Docker, "unknown service".to_owned());
         return (StatusCode::BAD_REQUEST, "unknown service").into_response();
     }
-    let access: Vec<Value> = query
-        .iter()
-        .filter(|(key, _)| key == "scope")
-        .flat_map(|(_, scope)| scope.split(' '))
-        .filter_map(|scope| granted_access(scope, &grants))
-        .collect();
-
-    match state.mint(&username, access) {
-        Ok(token) => {
-            lock(&state.issued).push(token.clone());
-            Json(json!({
-                "token": token,
-                "access_token": token,
-                "expires_in": EXPIRES_IN,
-                "issued_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            }))
-            .into_response()
-        }
+    let access = granted_scopes(query_values(&query, "scope"), &grants);
+    match state.issue(&username, &state.service, access) {
+        Ok(token) => Json(json!({
+            "token": token,
+            "access_token": token,
+            "expires_in": EXPIRES_IN,
+            "issued_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }))
+        .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
+/// The values of every `key` parameter.
+fn query_values<'a>(
+    pairs: &'a [(String, String)],
+    key: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    pairs
+        .iter()
+        .filter(move |(name, _)| name == key)
+        .map(|(_, value)| value.as_str())
+}
+
+/// The access entries granted for these `scope` values (each may hold several space-separated
+/// scopes, as in the OAuth2 POST form; the GET form repeats the parameter instead).
+fn granted_scopes<'a>(scopes: impl Iterator<Item = &'a str>, grants: &Grants) -> Vec<Value> {
+    scopes
+        .flat_map(|scope| scope.split(' '))
+        .filter(|scope| !scope.is_empty())
+        .filter_map(|scope| granted_access(scope, grants))
+        .collect()
+}
+
+/// 401 in distribution's error format.
 fn unauthorized() -> Response {
     (
         StatusCode::UNAUTHORIZED,
@@ -295,40 +479,6 @@ fn granted_access(scope: &str, grants: &Grants) -> Option<Value> {
         return None;
     }
     Some(json!({"type": resource_type, "name": name, "actions": actions}))
-}
-
-impl TokenState {
-    /// An ES256 JWT with integer times, a string `aud` and a raw `r||s` signature (protocols.md A7).
-    fn mint(&self, subject: &str, access: Vec<Value>) -> anyhow::Result<String> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .context("reading the clock")?
-            .as_secs();
-        let header = json!({"typ": "JWT", "alg": "ES256", "kid": self.kid});
-        let claims = json!({
-            "iss": self.issuer,
-            "sub": subject,
-            "aud": self.service,
-            "exp": now + EXPIRES_IN,
-            "nbf": now - 10,
-            "iat": now,
-            "jti": random_lowercase(16),
-            "access": access,
-        });
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?),
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?)
-        );
-        let signature = self
-            .signer
-            .sign(&self.random, signing_input.as_bytes())
-            .map_err(|unspecified| anyhow::anyhow!("signing a token: {unspecified}"))?;
-        Ok(format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(signature.as_ref())
-        ))
-    }
 }
 
 /// The libtrust key id (protocols.md A8): SHA-256 of the SubjectPublicKeyInfo DER, first 30 bytes,
@@ -386,6 +536,27 @@ mod tests {
             Some(
                 json!({"type": "repository", "name": "127.0.0.1:5000/app", "actions": ["push", "pull"]})
             )
+        );
+    }
+
+    #[test]
+    fn space_separated_and_repeated_scopes_are_both_read() {
+        let grants = Grants::none().pull("a/one").pull("a/two");
+        let form = [
+            (
+                "scope".to_owned(),
+                "repository:a/one:pull repository:x/no:pull".to_owned(),
+            ),
+            ("service".to_owned(), "s".to_owned()),
+            ("scope".to_owned(), "repository:a/two:pull".to_owned()),
+        ];
+        let access = granted_scopes(query_values(&form, "scope"), &grants);
+        assert_eq!(
+            access,
+            vec![
+                json!({"type": "repository", "name": "a/one", "actions": ["pull"]}),
+                json!({"type": "repository", "name": "a/two", "actions": ["pull"]}),
+            ]
         );
     }
 }

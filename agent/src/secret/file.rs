@@ -659,6 +659,12 @@ mod tests {
                 SecretError::Io { .. } => "io",
                 SecretError::Corrupt { .. } => "corrupt",
                 SecretError::Key { .. } => "key",
+                SecretError::Unavailable { .. }
+                | SecretError::Denied { .. }
+                | SecretError::Login { .. }
+                | SecretError::CredentialFile { .. }
+                | SecretError::Backend { .. }
+                | SecretError::Malformed { .. } => "openbao",
             })
             .collect();
         assert_eq!(

@@ -5,12 +5,14 @@
 //! so ids cannot be probed across projects. Material comes back only as [`secrecy::SecretString`]
 //! (redacted `Debug`, zeroized on drop); metadata ([`SecretMeta`]) never carries material.
 //!
-//! Backends: [`file::FileStore`] (embedded default: one AES-256-GCM record per secret under the
-//! state dir). An `openbao` backend comes later, hence the enum dispatch in [`SecretStore`].
+//! Backends, chosen by `[secrets] backend` and dispatched by [`SecretStore`]:
+//! [`file::FileStore`] (embedded default: one AES-256-GCM record per secret under the state dir)
+//! and [`openbao::OpenbaoStore`] (fleet: OpenBao/Vault KV v2, read on every use, nothing on disk).
 
 mod disk;
 pub(crate) mod file;
 pub(crate) mod gar_key;
+pub(crate) mod openbao;
 mod record;
 
 use std::fmt;
@@ -23,9 +25,11 @@ use rand::Rng;
 use secrecy::SecretString;
 use tracing::instrument;
 
+use crate::config::{Config, SecretsBackend};
 use crate::order::is_dns_label;
 
 pub(crate) use self::file::FileStore;
+pub(crate) use self::openbao::OpenbaoStore;
 
 /// Longest accepted username, password or JSON key, in bytes.
 pub(crate) const MAX_MATERIAL_BYTES: usize = 64 * 1024;
@@ -218,21 +222,68 @@ pub(crate) enum SecretError {
     Corrupt { id: String },
     #[error("key file {path} refused: {reason}")]
     Key { path: PathBuf, reason: &'static str },
+    /// OpenBao cannot serve now: unreachable, timed out, sealed, or failing (5xx). Transient.
+    #[error("secret store openbao at {address} is unavailable: {reason}")]
+    Unavailable {
+        address: String,
+        reason: &'static str,
+        #[source]
+        source: Option<reqwest::Error>,
+    },
+    /// OpenBao refused berth's (valid) token access to `path`: the agent's policy forbids it.
+    #[error("openbao at {address} denied berth access to {path}; check the agent's policy")]
+    Denied { address: String, path: String },
+    /// berth could not log in to OpenBao: the AppRole or token it was given is refused.
+    #[error("openbao at {address} refused berth's login: {reason}")]
+    Login {
+        address: String,
+        reason: &'static str,
+    },
+    /// An OpenBao credential file (token, role id, secret id) that berth will not use.
+    #[error("openbao credential file {path} refused: {reason}")]
+    CredentialFile { path: PathBuf, reason: &'static str },
+    /// OpenBao answered something berth does not understand (wrong mount type, bad JSON).
+    #[error("openbao at {address} gave an unexpected answer for {path}: {reason}")]
+    Backend {
+        address: String,
+        path: String,
+        reason: &'static str,
+    },
+    /// A secret in OpenBao (written by a control plane) that does not follow berth's layout.
+    #[error("secret {id} in openbao does not follow berth's layout: {reason}")]
+    Malformed { id: String, reason: &'static str },
 }
 
 /// The configured backend.
 #[derive(Debug)]
 pub(crate) enum SecretStore {
     File(FileStore),
+    Openbao(OpenbaoStore),
 }
 
 impl SecretStore {
+    /// Opens the backend `[secrets] backend` names. Blocking; call once at start, inside the
+    /// runtime (the openbao backend spawns its token renewal, which ends when the store drops).
+    /// OpenBao being down is no error here: berthd starts and logs in once it answers.
+    pub(crate) fn open(config: &Config) -> Result<SecretStore, SecretError> {
+        match config.secrets.backend {
+            SecretsBackend::File => Ok(SecretStore::File(FileStore::open(
+                &config.state_dir,
+                &config.secrets.key_file,
+            )?)),
+            SecretsBackend::Openbao => Ok(SecretStore::Openbao(OpenbaoStore::open(
+                &openbao::OpenbaoSettings::from_config(config)?,
+            )?)),
+        }
+    }
+
     /// Validates and stores a new secret; returns its metadata with the new id.
     #[instrument(skip_all, fields(project = %new.project, name = %new.name, kind = %new.kind))]
     pub(crate) async fn create(&self, new: NewSecret) -> Result<SecretMeta, SecretError> {
         let new = validate_new(new)?;
         match self {
             SecretStore::File(store) => store.create(new).await,
+            SecretStore::Openbao(store) => store.create(new).await,
         }
     }
 
@@ -246,6 +297,7 @@ impl SecretStore {
         validate_project(project)?;
         match self {
             SecretStore::File(store) => store.get(project, id).await,
+            SecretStore::Openbao(store) => store.get(project, id).await,
         }
     }
 
@@ -255,6 +307,7 @@ impl SecretStore {
         validate_project(project)?;
         let mut metas = match self {
             SecretStore::File(store) => store.list(project).await?,
+            SecretStore::Openbao(store) => store.list(project).await?,
         };
         metas.sort_by(|left, right| {
             left.name
@@ -270,6 +323,7 @@ impl SecretStore {
         validate_project(project)?;
         match self {
             SecretStore::File(store) => store.delete(project, id).await,
+            SecretStore::Openbao(store) => store.delete(project, id).await,
         }
     }
 }
