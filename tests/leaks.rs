@@ -26,7 +26,11 @@ pub(crate) fn needles_in<'a>(haystack: &[u8], needles: &'a [String]) -> Vec<&'a 
 }
 
 /// Every regular file under `root` that holds a needle, with the needles it holds.
-fn scan_tree(root: &Path, needles: &[String], findings: &mut Vec<String>) -> anyhow::Result<()> {
+pub(crate) fn scan_tree(
+    root: &Path,
+    needles: &[String],
+    findings: &mut Vec<String>,
+) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(root)? {
         let entry = entry?;
         let file_type = entry.file_type()?;

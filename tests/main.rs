@@ -16,15 +16,27 @@
 mod harness;
 
 #[cfg(test)]
+mod api_access;
+#[cfg(test)]
 mod errors;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]
+mod limits;
+#[cfg(test)]
+mod mirrors;
+#[cfg(test)]
 mod openbao;
+#[cfg(test)]
+mod operations;
 #[cfg(test)]
 mod reflection;
 #[cfg(test)]
 mod registries;
+#[cfg(test)]
+mod reliability;
+#[cfg(test)]
+mod security;
 #[cfg(test)]
 mod seed_flow;
 #[cfg(test)]

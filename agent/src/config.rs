@@ -372,6 +372,34 @@ impl Config {
                 "counts attempts and must be at least 1",
             ));
         }
+        self.validate_mirrors()
+    }
+
+    /// `[[registry.mirror]]`: upstream a registry host, endpoint an http(s) URL, no endpoint
+    /// twice for one upstream.
+    fn validate_mirrors(&self) -> Result<(), ConfigError> {
+        let mut seen = Vec::new();
+        for (index, entry) in self.registry.mirror.iter().enumerate() {
+            let mirror = crate::pull::mirror::Mirror::parse(entry).map_err(|reason| {
+                ConfigError::Invalid {
+                    key: "registry.mirror",
+                    reason: format!("entry {} ({}): {reason}", index + 1, entry.endpoint),
+                }
+            })?;
+            let key = (mirror.upstream, mirror.endpoint.to_string());
+            if seen.contains(&key) {
+                return Err(ConfigError::Invalid {
+                    key: "registry.mirror",
+                    reason: format!(
+                        "entry {}: {} is already a mirror of {}",
+                        index + 1,
+                        key.1,
+                        key.0
+                    ),
+                });
+            }
+            seen.push(key);
+        }
         Ok(())
     }
 }
@@ -443,6 +471,42 @@ mod tests {
         assert_eq!(config.registry.mirror.len(), 1);
         assert!(!config.registry.mirror[0].credentials);
         assert_eq!(config.access[0].projects, vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn mirror_entries_are_validated() {
+        let mirror = |upstream: &str, endpoint: &str| {
+            format!("[[registry.mirror]]\nupstream = \"{upstream}\"\nendpoint = \"{endpoint}\"\n")
+        };
+        parse(&mirror("docker.io", "http://127.0.0.1:5001")).unwrap();
+        parse(&mirror("r.example:5000", "https://harbor.example/proxy")).unwrap();
+        for (text, needle) in [
+            (
+                mirror("docker.io", "mirror.example:5000"),
+                "http:// or https://",
+            ),
+            (
+                mirror("docker.io", "ftp://m.example"),
+                "http:// or https://",
+            ),
+            (mirror("docker.io", "https://u:p@m.example"), "user"),
+            (mirror("docker.io", "https://m.example/v2"), "prefix"),
+            (mirror("", "https://m.example"), "upstream"),
+            (
+                format!(
+                    "{}{}",
+                    mirror("docker.io", "https://m.example"),
+                    mirror("index.docker.io", "https://m.example/")
+                ),
+                "already a mirror of docker.io",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains("registry.mirror"), "{text}: {message}");
+            assert!(message.contains(needle), "{text}: {message}");
+        }
+        parse("[[registry.mirror]]\nupstream = \"docker.io\"\n").unwrap_err();
     }
 
     #[test]

@@ -106,6 +106,7 @@ pub async fn run(
         read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
         max_concurrent_downloads: config.registry.max_concurrent_downloads,
         retries: config.registry.retries,
+        mirrors: crate::pull::mirror::Mirror::from_config(&config.registry.mirror),
     };
     let containerd = Containerd::new(
         &config.containerd.socket,
@@ -316,11 +317,15 @@ async fn notify_when_ready(containerd: &Containerd) {
 /// With `WatchdogSec=` set, pings systemd at half the interval while the runtime is alive, and
 /// keeps STATUS= saying whether containerd answers. Never returns.
 async fn watchdog(containerd: &Containerd) {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    let interval = watchdog_interval(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    );
+    let Some(interval) = interval else {
         return std::future::pending().await;
-    }
-    let period = Duration::from_micros(usec) / 2;
+    };
+    let period = interval / 2;
     let mut containerd_up = true;
     loop {
         tokio::time::sleep(period).await;
@@ -340,6 +345,18 @@ async fn watchdog(containerd: &Containerd) {
             containerd_up = up;
         }
         sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]).ok();
+    }
+}
+
+/// The watchdog interval, as sd_watchdog_enabled(3) reads it: `WATCHDOG_USEC` set (and not 0),
+/// and `WATCHDOG_PID` unset or this process. (sd-notify 0.4's `watchdog_enabled` also demands
+/// `WATCHDOG_PID`, so a supervisor that sets only `WATCHDOG_USEC` got no pings.)
+fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
+    let usec = usec?.trim().parse::<u64>().ok().filter(|usec| *usec > 0)?;
+    match pid.map(|pid| pid.trim().parse::<u32>()) {
+        None => Some(Duration::from_micros(usec)),
+        Some(Ok(pid)) if pid == own_pid => Some(Duration::from_micros(usec)),
+        Some(_) => None,
     }
 }
 
@@ -394,4 +411,21 @@ fn create_private_dir(path: &Path) -> Result<(), DaemonError> {
     };
     std::fs::create_dir_all(path).map_err(io_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_interval_follows_sd_watchdog_enabled() {
+        let second = Some(Duration::from_secs(1));
+        assert_eq!(watchdog_interval(Some("1000000"), None, 7), second);
+        assert_eq!(watchdog_interval(Some("1000000"), Some("7"), 7), second);
+        assert_eq!(watchdog_interval(Some("1000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_interval(Some("1000000"), Some("x"), 7), None);
+        assert_eq!(watchdog_interval(Some("0"), None, 7), None);
+        assert_eq!(watchdog_interval(Some("soon"), None, 7), None);
+        assert_eq!(watchdog_interval(None, Some("7"), 7), None);
+    }
 }

@@ -9,13 +9,15 @@
 //!
 //! - [`api`]: tonic services, proto <-> domain conversion, and the one error -> `Status` map.
 //! - `order`: a validated start order; proto types stop at `api/convert.rs`.
-//! - `secret`: the pull-secret store (encrypted files under the state dir).
-//! - `auth`: turns a stored credential into registry authentication for one pull.
+//! - `secret`: the pull-secret store: sealed files under the state dir, or OpenBao/Vault KV v2.
+//! - `auth`: answers the registry's challenge with a stored credential (docker, ACR service
+//!   principal or refresh token, GAR service-account key), with an in-memory token cache.
 //! - `pull`: resolves, fetches and verifies manifests and blobs while streaming them into containerd.
 //! - `containerd`: content, images, snapshots, containers and tasks over containerd's gRPC API.
 //! - `spec`: builds the OCI runtime spec from the image config and the order; it cannot see a
 //!   credential, it takes none.
-//! - `run`: drives one order through all stages.
+//! - `run`: drives one order through all stages; all state lives in containerd labels.
+//! - `metrics`: the Prometheus exposition; `daemon`: sockets, readiness, shutdown.
 
 pub mod api;
 pub mod cmd;
@@ -31,3 +33,43 @@ pub(crate) mod pull;
 pub(crate) mod run;
 pub(crate) mod secret;
 pub(crate) mod spec;
+
+/// Entry points for the fuzz targets in `fuzz/` (run by `scripts/fuzz.sh`): thin wrappers
+/// around the parsers of untrusted input. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// `ImageRef::parse` (an order's image reference); the normalised name when it parses.
+    pub fn image_ref(input: &str) -> Option<String> {
+        let image = crate::order::ImageRef::parse(input).ok()?;
+        let _ = (image.registry(), image.repository(), image.to_string());
+        Some(image.name())
+    }
+
+    /// `auth::challenge::parse` (a registry's `WWW-Authenticate`); whether it parses.
+    pub fn www_authenticate(input: &str) -> bool {
+        crate::auth::challenge::parse(input).is_ok()
+    }
+
+    /// `pull::manifest::parse` (a manifest or index), then platform selection on an index
+    /// and the `mediaType` / `Content-Type` check; whether it parses.
+    pub fn manifest(input: &[u8]) -> bool {
+        use crate::pull::manifest;
+        let _ = manifest::check_content_type(input, Some(manifest::OCI_MANIFEST));
+        match manifest::parse(input) {
+            Ok(manifest::Parsed::Index(entries)) => {
+                let (os, arch) = manifest::host_platform();
+                let _ = manifest::select_platform(&entries, os, arch);
+                true
+            }
+            Ok(manifest::Parsed::Manifest(_)) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// The CLI's service YAML parser (`berth service create --file`); whether it parses.
+    pub fn service_yaml(input: &str) -> bool {
+        crate::cmd::service::parse_service(Path::new("fuzz.yaml"), input).is_ok()
+    }
+}

@@ -28,6 +28,15 @@ pub(crate) struct TokenLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct MirrorLabels {
+    pub(crate) upstream: String,
+    /// The endpoint URL as configured (normalised).
+    pub(crate) mirror: String,
+    /// ok | fallback (failed; the next mirror or the upstream was tried) | error (ended the pull)
+    pub(crate) result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StateLabels {
     pub(crate) state: &'static str,
 }
@@ -44,6 +53,7 @@ pub(crate) struct Metrics {
     pub(crate) token_cache_hits: Family<RegistryLabels, Counter>,
     pub(crate) pulls_in_flight: Gauge,
     pub(crate) containers: Family<StateLabels, Gauge>,
+    pub(crate) mirror_pulls: Family<MirrorLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,6 +69,7 @@ impl Default for Metrics {
         let token_cache_hits = Family::<RegistryLabels, Counter>::default();
         let pulls_in_flight = Gauge::default();
         let containers = Family::<StateLabels, Gauge>::default();
+        let mirror_pulls = Family::<MirrorLabels, Counter>::default();
         registry.register(
             "berth_pulls",
             "Image pulls by result and registry",
@@ -99,6 +110,11 @@ impl Default for Metrics {
             "berth's containers by state",
             containers.clone(),
         );
+        registry.register(
+            "berth_mirror_pulls",
+            "Pull attempts through registry mirrors by upstream, mirror and result",
+            mirror_pulls.clone(),
+        );
         Self {
             registry,
             pulls,
@@ -109,6 +125,7 @@ impl Default for Metrics {
             token_cache_hits,
             pulls_in_flight,
             containers,
+            mirror_pulls,
         }
     }
 }

@@ -21,6 +21,8 @@ use crate::pull::{PullError, PullProgress, PulledImage, Puller};
 use crate::secret::{SecretError, SecretId, SecretStore, StoredSecret};
 use crate::spec::{self, SpecError, SpecInput};
 
+mod prune;
+
 const LABEL_PROJECT: &str = "berth.dev/project";
 const LABEL_NAME: &str = "berth.dev/name";
 const LABEL_ORDER_ID: &str = "berth.dev/order-id";
@@ -73,12 +75,42 @@ pub(crate) enum RunError {
         #[source]
         source: ContainerdError,
     },
+    #[error("containerd failed while pruning image {image}")]
+    Prune {
+        image: String,
+        #[source]
+        source: ContainerdError,
+    },
     #[error("preparing the log file {path}")]
     Log {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A pull that ended at the registry's token endpoint never reached the puller; it still counts
+/// in `berth_pulls_total` (the puller counts its own failures).
+impl crate::pull::UncountedPull for RunError {
+    fn uncounted_pull_result(&self) -> Option<&'static str> {
+        let RunError::Auth(err) = self else {
+            return None;
+        };
+        match err {
+            AuthError::Rejected { .. } => Some("denied"),
+            AuthError::Unreachable { .. } | AuthError::TokenEndpointDown { .. } => {
+                Some("unavailable")
+            }
+            // An order pairing a secret with another host is invalid, not a failed pull.
+            AuthError::WrongServer { .. } => None,
+            AuthError::TokenResponse { .. }
+            | AuthError::Challenge { .. }
+            | AuthError::Realm { .. }
+            | AuthError::KeyUnusable { .. }
+            | AuthError::Key { .. }
+            | AuthError::Client(_) => Some("error"),
+        }
+    }
 }
 
 /// A container's state as the API reports it.
@@ -313,11 +345,15 @@ impl Runner {
     ) -> Result<PulledImage, RunError> {
         let secret = self.load_secret(project, pull_secret).await?;
         let secret_id = secret.as_ref().map(|s| s.meta.id.to_string());
-        self.with_grant(secret.as_ref(), image, |auth| {
-            self.puller
-                .pull(image, auth, secret_id.as_deref(), Some(progress.clone()))
-        })
-        .await
+        // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
+        self.puller
+            .pull_mirrors_first(image, secret.as_ref(), Some(progress.clone()), || {
+                self.with_grant(secret.as_ref(), image, |auth| {
+                    self.puller
+                        .pull(image, auth, secret_id.as_deref(), Some(progress.clone()))
+                })
+            })
+            .await
     }
 
     /// Present and allowed, or pulled now, per the order's pull policy.
@@ -365,11 +401,15 @@ impl Runner {
                 });
             }
         }
-        self.with_grant(secret, image_ref, |auth| {
-            self.puller
-                .pull(image_ref, auth, secret_id.as_deref(), None)
-        })
-        .await
+        // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
+        self.puller
+            .pull_mirrors_first(image_ref, secret, None, || {
+                self.with_grant(secret, image_ref, |auth| {
+                    self.puller
+                        .pull(image_ref, auth, secret_id.as_deref(), None)
+                })
+            })
+            .await
     }
 
     /// Runs `op` with registry authentication for `secret`; a cached token the registry

@@ -22,6 +22,8 @@ use super::process::Daemon;
 use super::temp_dir;
 use super::wait::{wait_for, STARTUP_TIMEOUT};
 
+mod lifecycle;
+
 /// Overrides where `berthd` and `berth` are found.
 const BIN_DIR_VARIABLE: &str = "BERTH_BIN_DIR";
 
@@ -59,6 +61,17 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 pub struct BerthdOptions {
     /// `[registry] plain_http`: hosts spoken to over plain HTTP (the corrupting proxies).
     pub plain_http: Vec<String>,
+    /// `listen` in place of the temp unix socket (`tcp://IP:PORT`); readiness is then a TCP
+    /// connect, and the caller checks health itself (over mTLS).
+    pub listen: Option<String>,
+    /// Top-level keys written before every table: `socket_group`, `tls_cert`, ...
+    pub top_level_toml: String,
+    /// `[registry] ca_files` beside the test CA.
+    pub extra_ca_files: Vec<PathBuf>,
+    /// Tables appended at the end: `[[access]]`, `[security]`, ...
+    pub tables_toml: String,
+    /// More `[registry]` keys (`retries = 5`, `read_timeout_seconds = 2`, ...), one per line.
+    pub registry_toml: String,
 }
 
 /// A running berthd.
@@ -104,6 +117,7 @@ impl Berthd {
             ca_file: ca.ca_pem_path(),
             plain_http: &options.plain_http,
             secrets_toml,
+            options,
         })?;
         std::fs::write(&config_path, config)
             .with_context(|| format!("writing {}", config_path.display()))?;
@@ -122,6 +136,10 @@ impl Berthd {
             config_path,
             _dir: dir,
         };
+        let tcp = options
+            .listen
+            .as_deref()
+            .and_then(|listen| listen.strip_prefix("tcp://"));
         wait_for(
             "berthd's health check to answer SERVING",
             STARTUP_TIMEOUT,
@@ -129,6 +147,9 @@ impl Berthd {
                 let berthd = &berthd;
                 async move {
                     berthd.daemon.ensure_running()?;
+                    if let Some(addr) = tcp {
+                        return Ok(tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()));
+                    }
                     if !berthd.socket.exists() {
                         return Ok(None);
                     }
@@ -246,6 +267,7 @@ struct ConfigPaths<'a> {
     ca_file: &'a Path,
     plain_http: &'a [String],
     secrets_toml: Option<&'a str>,
+    options: &'a BerthdOptions,
 }
 
 /// A TOML basic string (a JSON string is one).
@@ -264,8 +286,17 @@ fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
         .map(|host| toml_string(host))
         .collect::<anyhow::Result<Vec<_>>>()?
         .join(", ");
+    let mut ca_files = vec![toml_path(paths.ca_file)?];
+    for path in &paths.options.extra_ca_files {
+        ca_files.push(toml_path(path)?);
+    }
+    let listen = match &paths.options.listen {
+        Some(listen) => listen.clone(),
+        None => format!("unix://{}", paths.socket.display()),
+    };
     Ok(format!(
         "listen = {listen}\n\
+         {top_level}\n\
          state_dir = {state_dir}\n\
          \n\
          [containerd]\n\
@@ -276,8 +307,13 @@ fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
          \n\
          [registry]\n\
          ca_files = [{ca_file}]\n\
-         plain_http = [{plain_http}]\n",
-        listen = toml_string(&format!("unix://{}", paths.socket.display()))?,
+         plain_http = [{plain_http}]\n\
+         {registry}\n\
+         {tables}\n",
+        listen = toml_string(&listen)?,
+        top_level = paths.options.top_level_toml.trim_end(),
+        tables = paths.options.tables_toml.trim_end(),
+        registry = paths.options.registry_toml.trim_end(),
         state_dir = toml_path(paths.state_dir)?,
         containerd_socket = toml_path(paths.containerd_socket)?,
         namespace = toml_string(paths.namespace)?,
@@ -288,6 +324,6 @@ fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
                 toml_path(paths.key_file)?
             ),
         },
-        ca_file = toml_path(paths.ca_file)?,
+        ca_file = ca_files.join(", "),
     ))
 }

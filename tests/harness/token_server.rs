@@ -52,6 +52,9 @@ pub const EXPIRES_IN: u64 = 300;
 /// A grant on every repository.
 const ALL_REPOSITORIES: &str = "*";
 
+/// The `users` entry (empty user name and password) holding what anonymous requests get.
+const ANONYMOUS: &str = "";
+
 /// What one identity may do: repository name (or `*`) -> actions.
 #[derive(Debug, Clone, Default)]
 pub struct Grants(BTreeMap<String, BTreeSet<String>>);
@@ -258,6 +261,11 @@ impl TokenServer {
         add_user(&self.state.users, user, grants);
     }
 
+    /// What a token request without credentials gets on the Docker realm (a public repository).
+    pub fn grant_anonymous(&self, grants: Grants) {
+        lock(&self.state.users).insert(ANONYMOUS.to_owned(), (String::new(), grants));
+    }
+
     /// How many `GET /token` requests `username` made ("" for anonymous), refused ones included.
     pub fn requests_by(&self, username: &str) -> usize {
         self.requests(TokenEndpoint::Docker, username)
@@ -386,7 +394,10 @@ async fn docker_token(
     state.count(TokenEndpoint::Docker, &username);
 
     let grants = match &credentials {
-        None => Grants::none(),
+        // Anonymous: what `grant_anonymous` gave (by default nothing).
+        None => state
+            .authenticate(&state.users, ANONYMOUS, "")
+            .unwrap_or_default(),
         Some((username, password)) => match state.authenticate(&state.users, username, password) {
             Some(grants) => grants,
             None => {

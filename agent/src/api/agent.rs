@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, Instrument as _};
 
-use super::access::Access;
+use super::access::{Access, Allowed};
 use super::convert;
 use super::pb;
 use crate::order::{parse_dns_label, parse_project, ImageRef, Order};
@@ -180,5 +180,26 @@ impl pb::agent_server::Agent for AgentService {
         let request = request.into_inner();
         self.runner.remove(&request.id, request.force).await?;
         Ok(Response::new(pb::RemoveContainerResponse {}))
+    }
+
+    #[instrument(skip_all, fields(keep_bytes = request.get_ref().keep_bytes))]
+    async fn prune_images(
+        &self,
+        request: Request<pb::PruneImagesRequest>,
+    ) -> Result<Response<pb::PruneImagesResponse>, Status> {
+        // Images are shared by every project: only a caller that may act for all of them prunes.
+        if self.access.allowed(&request)? != Allowed::All {
+            return Err(Status::permission_denied(
+                "pruning images needs access to every project",
+            ));
+        }
+        let report = self
+            .runner
+            .prune_images(request.into_inner().keep_bytes)
+            .await?;
+        Ok(Response::new(pb::PruneImagesResponse {
+            removed: report.removed,
+            freed_bytes: report.freed_bytes,
+        }))
     }
 }

@@ -54,7 +54,9 @@ fn run_code(err: &RunError) -> Code {
         RunError::StillRunning { .. } | RunError::ImageAbsent { .. } | RunError::Start { .. } => {
             Code::FailedPrecondition
         }
-        RunError::Containerd { source, .. } => containerd_code(source),
+        RunError::Containerd { source, .. } | RunError::Prune { source, .. } => {
+            containerd_code(source)
+        }
         RunError::Log { .. } => Code::Internal,
     }
 }

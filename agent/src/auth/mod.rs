@@ -7,7 +7,7 @@
 //! Google access token. Tokens are cached in memory per (registry, repository, secret) until
 //! shortly before they expire; they are never written anywhere.
 
-mod challenge;
+pub(crate) mod challenge;
 mod google;
 mod realm;
 mod token;

@@ -30,26 +30,34 @@ pub(super) fn check(
     }
     let host = url.host_str().ok_or_else(|| refuse("no host"))?;
     let registry_host = host_of(registry);
+    let registry_loopback = is_localhost(registry_host)
+        || registry_host
+            .parse::<IpAddr>()
+            .is_ok_and(|registry_ip| registry_ip.to_canonical().is_loopback());
     if let Ok(ip) = host
         .trim_matches(|c| c == '[' || c == ']')
         .parse::<IpAddr>()
     {
+        // `::ffff:a.b.c.d` reaches a.b.c.d: judge the address the connection will really use.
+        let ip = ip.to_canonical();
         if is_link_local(ip) || ip.is_unspecified() || ip.is_multicast() {
             return Err(refuse("a link-local, unspecified or multicast address"));
         }
-        let registry_loopback = registry_host == "localhost"
-            || registry_host
-                .parse::<IpAddr>()
-                .is_ok_and(|registry_ip| registry_ip.is_loopback());
         if ip.is_loopback() && !registry_loopback {
             return Err(refuse(
                 "a loopback address for a registry that is not on loopback",
             ));
         }
-    } else if host == "localhost" && registry_host != "localhost" {
+    } else if is_localhost(host) && !registry_loopback {
         return Err(refuse("localhost for a registry that is not on loopback"));
     }
     Ok(url)
+}
+
+/// `localhost`, `localhost.` and names under `.localhost` (RFC 6761: all loopback).
+fn is_localhost(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost" || host.ends_with(".localhost")
 }
 
 /// The host of `host[:port]` (IPv6 brackets removed).
@@ -80,6 +88,8 @@ mod tests {
         check("https://auth.docker.io/token", "docker.io", &none).unwrap();
         check("https://127.0.0.1:9000/token", "127.0.0.1:5000", &none).unwrap();
         check("http://127.0.0.1:9000/token", "127.0.0.1:5000", &plain).unwrap();
+        check("https://localhost:9000/token", "127.0.0.1:5000", &none).unwrap();
+        check("https://127.0.0.1:9000/token", "localhost.:5000", &none).unwrap();
         for (realm, registry) in [
             ("http://auth.example/token", "reg.example"),
             ("https://user:pw@auth.example/token", "reg.example"),
@@ -87,8 +97,13 @@ mod tests {
             ("https://[fe80::1]/t", "reg.example"),
             ("https://127.0.0.1/t", "reg.example"),
             ("https://localhost/t", "reg.example"),
+            ("https://localhost./t", "reg.example"),
+            ("https://realm.localhost/t", "reg.example"),
             ("file:///etc/passwd", "reg.example"),
             ("https://0.0.0.0/t", "reg.example"),
+            ("https://[::ffff:169.254.169.254]/t", "reg.example"),
+            ("https://[::ffff:127.0.0.1]/t", "reg.example"),
+            ("https://[::ffff:0.0.0.0]/t", "reg.example"),
             ("not a url", "reg.example"),
         ] {
             assert!(

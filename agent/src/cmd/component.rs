@@ -233,6 +233,13 @@ impl pb::agent_server::Agent for Fake {
             .retain(|container| container.id != request.id);
         Ok(Response::new(pb::RemoveContainerResponse {}))
     }
+
+    async fn prune_images(
+        &self,
+        _request: Request<pb::PruneImagesRequest>,
+    ) -> Result<Response<pb::PruneImagesResponse>, Status> {
+        Ok(Response::new(pb::PruneImagesResponse::default()))
+    }
 }
 
 #[tonic::async_trait]

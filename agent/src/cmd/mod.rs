@@ -8,11 +8,12 @@ pub mod connect;
 #[cfg(test)]
 mod component;
 mod container;
+mod image;
 mod output;
 mod progress;
 mod pull;
 mod secret;
-mod service;
+pub(crate) mod service;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -96,6 +97,9 @@ enum Command {
     Rm(container::RmArgs),
     /// Pull an image ahead of time.
     Pull(pull::PullArgs),
+    /// Manage the images berthd keeps (`image prune`).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// Everything that can make a `berth` invocation fail.
@@ -273,6 +277,7 @@ async fn run_console(
         Command::Stop(args) => container::stop(args, &mut console).await,
         Command::Rm(args) => container::rm(args, &mut console).await,
         Command::Pull(args) => pull::run(args, &mut console).await,
+        Command::Image(command) => image::run(command, &mut console).await,
     }
 }
 

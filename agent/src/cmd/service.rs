@@ -103,12 +103,12 @@ impl TryFrom<String> for PullPolicyName {
 
 /// The start order a service file describes (all but the order id).
 #[derive(Debug, PartialEq)]
-struct Service {
+pub(crate) struct Service {
     name: String,
     container: pb::ContainerSpec,
 }
 
-fn parse_service(path: &Path, text: &str) -> Result<Service, CmdError> {
+pub(crate) fn parse_service(path: &Path, text: &str) -> Result<Service, CmdError> {
     let file: ServiceFile =
         serde_yaml_ng::from_str(text).map_err(|source| CmdError::ServiceFile {
             path: path.to_owned(),

@@ -31,6 +31,8 @@ pub(crate) struct NewContainer<'a> {
 #[derive(Debug, Clone)]
 pub(crate) struct ContainerRecord {
     pub(crate) id: String,
+    /// The image record the container was created from.
+    pub(crate) image: String,
     pub(crate) labels: HashMap<String, String>,
     pub(crate) created_at: Option<prost_types::Timestamp>,
 }
@@ -39,6 +41,7 @@ impl From<Container> for ContainerRecord {
     fn from(container: Container) -> Self {
         Self {
             id: container.id,
+            image: container.image,
             labels: container.labels,
             created_at: container.created_at,
         }

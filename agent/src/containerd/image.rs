@@ -6,7 +6,8 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, GetImageRequest, Image, UpdateImageRequest,
+    ApplyRequest, CreateImageRequest, DeleteImageRequest, GetImageRequest, Image,
+    ListImagesRequest, UpdateImageRequest,
 };
 use containerd_client::types::Descriptor;
 use rand::Rng as _;
@@ -18,6 +19,16 @@ use super::{Containerd, ContainerdError, Lease};
 #[derive(Debug, Clone)]
 pub(crate) struct ImageRecord {
     pub(crate) labels: HashMap<String, String>,
+}
+
+/// An image record as listed for cleanup: its name, top descriptor and age.
+#[derive(Debug, Clone)]
+pub(crate) struct ListedImage {
+    pub(crate) name: String,
+    /// The top object: an index or a manifest.
+    pub(crate) target_digest: String,
+    pub(crate) target_size: u64,
+    pub(crate) created_at: Option<prost_types::Timestamp>,
 }
 
 /// One layer to unpack: its blob descriptor and the diff id the image config promises.
@@ -51,6 +62,52 @@ impl Containerd {
         Ok(image.map(|image| ImageRecord {
             labels: image.labels,
         }))
+    }
+
+    /// Every image record of the namespace.
+    pub(crate) async fn list_images(&self) -> Result<Vec<ListedImage>, ContainerdError> {
+        let images = self
+            .images()
+            .list(self.request(
+                ListImagesRequest {
+                    filters: Vec::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(ContainerdError::rpc("images.list"))?
+            .into_inner()
+            .images;
+        Ok(images
+            .into_iter()
+            .map(|image| {
+                let target = image.target.unwrap_or_default();
+                ListedImage {
+                    name: image.name,
+                    target_digest: target.digest,
+                    target_size: u64::try_from(target.size).unwrap_or(0),
+                    created_at: image.created_at,
+                }
+            })
+            .collect())
+    }
+
+    /// Deletes an image record and waits for containerd's GC, which then removes the content
+    /// and snapshots nothing else references. Deleting an absent image is success.
+    pub(crate) async fn delete_image(&self, name: &str) -> Result<(), ContainerdError> {
+        let result = self
+            .images()
+            .delete(self.request(
+                DeleteImageRequest {
+                    name: name.to_owned(),
+                    sync: true,
+                    target: None,
+                },
+                None,
+            ))
+            .await
+            .map_err(ContainerdError::rpc("images.delete"));
+        super::ignore_not_found(result)
     }
 
     /// Creates the image record, or points an existing one at the new target.

@@ -12,7 +12,7 @@ mod task;
 pub(crate) use client::Containerd;
 pub(crate) use container::{ContainerRecord, NewContainer};
 pub(crate) use content::{BlobWriter, OpenedBlob};
-pub(crate) use image::{chain_ids, UnpackLayer};
+pub(crate) use image::{chain_ids, ListedImage, UnpackLayer};
 pub(crate) use lease::Lease;
 
 /// A failed containerd call. The `Status` is kept as the source and never stringified into

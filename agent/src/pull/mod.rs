@@ -4,6 +4,7 @@
 
 mod blob;
 pub(crate) mod manifest;
+pub(crate) mod mirror;
 pub(crate) mod registry;
 pub(crate) mod verify;
 
@@ -212,15 +213,33 @@ impl Puller {
     ) -> Result<PulledImage, PullError> {
         let private = !matches!(auth, RegistryAuth::Anonymous);
         let started = tokio::time::Instant::now();
-        self.metrics.pulls_in_flight.inc();
-        let work = self.pull_inner(image, auth, secret_id, private, progress);
+        let _in_flight = InFlight::count(&self.metrics);
+        let work = async {
+            let attempts = self.settings.retries;
+            let session = retry(attempts, || {
+                Session::open(&self.settings, &self.http, image, auth.clone(), secret_id)
+            })
+            .await?;
+            self.pull_from(image, &session, attempts, Privacy::Known(private), progress)
+                .await
+        };
         let result = tokio::time::timeout(self.deadline, work)
             .await
             .map_err(|_| PullError::Deadline {
                 image: image.to_string(),
             })
             .and_then(|result| result);
-        self.metrics.pulls_in_flight.dec();
+        self.record(image, started, &result);
+        result
+    }
+
+    /// `berth_pull_duration_seconds` and `berth_pulls_total` for one finished pull.
+    fn record(
+        &self,
+        image: &ImageRef,
+        started: tokio::time::Instant,
+        result: &Result<PulledImage, PullError>,
+    ) {
         self.metrics
             .pull_duration
             .observe(started.elapsed().as_secs_f64());
@@ -233,22 +252,18 @@ impl Puller {
                 registry: image.registry().to_owned(),
             })
             .inc();
-        result
     }
 
-    async fn pull_inner(
+    /// The pull itself through an open session (to the registry or a mirror): resolve, fetch
+    /// and verify, unpack, write the image record under the image's own name.
+    async fn pull_from(
         &self,
         image: &ImageRef,
-        auth: RegistryAuth,
-        secret_id: Option<&str>,
-        private: bool,
+        session: &Session,
+        attempts: u32,
+        privacy: Privacy,
         progress: Option<mpsc::Sender<PullProgress>>,
     ) -> Result<PulledImage, PullError> {
-        let attempts = self.settings.retries;
-        let session = retry(attempts, || {
-            Session::open(&self.settings, &self.http, image, auth.clone(), secret_id)
-        })
-        .await?;
         let (top_bytes, top_digest) =
             retry(attempts, || session.manifest(image.reference())).await?;
         let unsupported = |reason| PullError::Unsupported {
@@ -298,6 +313,10 @@ impl Puller {
                     (top_type.to_owned(), Some(entries), bytes, digest, m)
                 }
             };
+        let private = match privacy {
+            Privacy::Known(private) => private,
+            Privacy::AskUpstream => !self.upstream_serves_anonymously(image, &top_digest).await,
+        };
         let total_bytes =
             manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
         info!(digest = %manifest_digest, layers = manifest.layers.len(), total_bytes, "resolved image");
@@ -324,7 +343,7 @@ impl Puller {
         let result = self
             .store(
                 image,
-                &session,
+                session,
                 &lease,
                 Stored {
                     top: (&top_media_type, &top_digest, &top_bytes),
@@ -490,6 +509,42 @@ impl Puller {
             .await
             .map_err(containerd_err)?;
         Ok((config, top_chain_id))
+    }
+}
+
+/// An error that can end a pull before the puller runs (the registry's token endpoint refused
+/// the credential, say), which `berth_pulls_total` must count all the same.
+pub(crate) trait UncountedPull {
+    /// The `result` label of `berth_pulls_total` for this error, or None when the puller
+    /// counted it already or it was no pull failure (an invalid order).
+    fn uncounted_pull_result(&self) -> Option<&'static str>;
+}
+
+/// How a pull decides the image record's `berth.dev/private` label.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Privacy {
+    /// From the order: private when it came with a credential.
+    Known(bool),
+    /// An anonymous pull through a mirror: public only if the registry itself serves the
+    /// manifest anonymously.
+    AskUpstream,
+}
+
+/// Counts one pull in `berth_pulls_in_flight` for as long as it lives, also when the pull's
+/// future is dropped mid-way.
+#[derive(Debug)]
+struct InFlight(SharedMetrics);
+
+impl InFlight {
+    fn count(metrics: &SharedMetrics) -> Self {
+        metrics.pulls_in_flight.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.pulls_in_flight.dec();
     }
 }
 

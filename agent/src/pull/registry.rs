@@ -33,6 +33,8 @@ pub(crate) struct RegistrySettings {
     pub(crate) max_concurrent_downloads: usize,
     /// Attempts per request (connection errors, timeouts, 429 and 5xx are retried).
     pub(crate) retries: u32,
+    /// `[[registry.mirror]]`, in file order.
+    pub(crate) mirrors: Vec<super::mirror::Mirror>,
 }
 
 /// Largest manifest or index berth reads (distribution caps pushes at 4 MiB too).
@@ -76,6 +78,15 @@ impl RegistrySettings {
     }
 }
 
+/// Where a session's requests go.
+struct Target {
+    /// Registry host and repository as the host knows them (oci-client authenticates with it).
+    reference: Reference,
+    /// `host[:port]`, named in errors.
+    host: String,
+    plain_http: bool,
+}
+
 /// One authenticated conversation with a registry about one repository.
 #[derive(Clone)]
 pub(crate) struct Session {
@@ -85,6 +96,8 @@ pub(crate) struct Session {
     /// The Authorization header value (Bearer token or Basic), if any.
     authorization: Option<Arc<SecretString>>,
     image: ImageRef,
+    /// The host spoken to, named in errors: the image's registry, or a mirror of it.
+    host: Arc<str>,
     secret_id: Option<Arc<str>>,
 }
 
@@ -93,6 +106,7 @@ impl std::fmt::Debug for Session {
         f.debug_struct("Session")
             .field("base", &self.base)
             .field("image", &self.image)
+            .field("host", &self.host)
             .field("secret_id", &self.secret_id)
             .finish_non_exhaustive()
     }
@@ -109,8 +123,54 @@ impl Session {
         auth: RegistryAuth,
         secret_id: Option<&str>,
     ) -> Result<Self, PullError> {
+        let plain_http = settings
+            .plain_http
+            .iter()
+            .any(|host| host == image.registry());
+        let target = Target {
+            reference: image.reference().clone(),
+            host: image.registry().to_owned(),
+            plain_http,
+        };
+        Self::open_at(settings, http, image, target, auth, secret_id).await
+    }
+
+    /// Like [`Self::open`], but speaks to a mirror of the image's registry: `endpoint`'s host,
+    /// with its path prefix before the repository. Errors name the mirror.
+    pub(crate) async fn open_mirror(
+        settings: &RegistrySettings,
+        http: &reqwest::Client,
+        image: &ImageRef,
+        endpoint: &super::mirror::Endpoint,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+    ) -> Result<Self, PullError> {
+        let target = Target {
+            reference: Reference::with_tag(
+                endpoint.host().to_owned(),
+                endpoint.repository(image.repository()),
+                "latest".to_owned(),
+            ),
+            host: endpoint.host().to_owned(),
+            plain_http: endpoint.plain_http(),
+        };
+        Self::open_at(settings, http, image, target, auth, secret_id).await
+    }
+
+    async fn open_at(
+        settings: &RegistrySettings,
+        http: &reqwest::Client,
+        image: &ImageRef,
+        target: Target,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+    ) -> Result<Self, PullError> {
+        let mut plain_http_hosts = settings.plain_http.clone();
+        if target.plain_http {
+            plain_http_hosts.push(target.host.clone());
+        }
         let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(settings.plain_http.clone()),
+            protocol: ClientProtocol::HttpsExcept(plain_http_hosts),
             extra_root_certificates: settings
                 .ca_pems
                 .iter()
@@ -128,27 +188,27 @@ impl Session {
         let client = Client::try_from(config).map_err(|source| PullError::Client {
             source: Box::new(source),
         })?;
-        let registry = image.reference().resolve_registry();
-        let scheme = if settings
-            .plain_http
-            .iter()
-            .any(|host| host == image.registry())
-        {
-            "http"
-        } else {
-            "https"
-        };
+        let registry = target.reference.resolve_registry();
+        let scheme = if target.plain_http { "http" } else { "https" };
         let mut session = Self {
             http: http.clone(),
-            base: format!("{scheme}://{registry}/v2/{}", image.repository()),
+            base: format!("{scheme}://{registry}/v2/{}", target.reference.repository()),
             authorization: None,
             image: image.clone(),
+            host: Arc::from(target.host.as_str()),
             secret_id: secret_id.map(Arc::from),
         };
-        let token = client
-            .auth(image.reference(), &auth, RegistryOperation::Pull)
-            .await
-            .map_err(|err| session.classify(err))?;
+        let own_registry = target.host == image.registry();
+        let token = match &auth {
+            // On the image's own registry a Basic grant is the Authenticator's answer to the
+            // registry's challenge (realm checked there). Letting oci-client ask again would let
+            // a second, different challenge send the credential to a realm nobody checked.
+            RegistryAuth::Basic(..) if own_registry => None,
+            _ => client
+                .auth(&target.reference, &auth, RegistryOperation::Pull)
+                .await
+                .map_err(|err| session.classify(err))?,
+        };
         session.authorization = match (token, auth) {
             (Some(token), _) => Some(Arc::new(SecretString::from(format!("Bearer {token}")))),
             (None, RegistryAuth::Basic(username, password)) => {
@@ -226,6 +286,25 @@ impl Session {
         Ok((body, digest))
     }
 
+    /// Whether the registry serves the manifest `digest` to this session (a HEAD request,
+    /// which Docker Hub does not count against its pull limit).
+    pub(crate) async fn head_manifest(&self, digest: &str) -> Result<(), PullError> {
+        let url = format!("{}/manifests/{digest}", self.base);
+        let request = match &self.authorization {
+            Some(value) => self
+                .http
+                .head(&url)
+                .header(reqwest::header::AUTHORIZATION, value.expose_secret()),
+            None => self.http.head(&url),
+        };
+        let response = request
+            .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "))
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        self.check_status(response).map(|_| ())
+    }
+
     /// Opens the blob of `desc` from byte `offset` (not yet verified: the caller verifies).
     /// Returns the stream and whether it starts at `offset` (false: the registry ignored the
     /// Range and sends the whole blob).
@@ -273,7 +352,7 @@ impl Session {
         if status.is_success() {
             return Ok(response);
         }
-        let registry = self.image.registry().to_owned();
+        let registry = self.host.to_string();
         let repository = self.image.repository().to_owned();
         Err(match status.as_u16() {
             401 | 403 => PullError::Denied {
@@ -298,14 +377,16 @@ impl Session {
 
     fn unreachable(&self, err: reqwest::Error) -> PullError {
         if err.is_redirect() {
-            return PullError::Registry {
-                registry: self.image.registry().to_owned(),
-                repository: self.image.repository().to_owned(),
-                source: Box::new(err),
+            // The redirect policy refused (https -> http, or too many hops): a policy refusal.
+            return PullError::Unsupported {
+                image: self.image.to_string(),
+                reason: manifest::ManifestError(
+                    "the registry redirected from https to plain http, or more than 10 times",
+                ),
             };
         }
         PullError::Unreachable {
-            registry: self.image.registry().to_owned(),
+            registry: self.host.to_string(),
             source: Box::new(err),
         }
     }
@@ -322,7 +403,7 @@ impl Session {
     /// Maps an oci-client error onto what it means for the order. Registry error text is
     /// never copied into the message.
     pub(crate) fn classify(&self, err: OciDistributionError) -> PullError {
-        let registry = self.image.registry().to_owned();
+        let registry = self.host.to_string();
         let repository = self.image.repository().to_owned();
         let secret = self.secret_id.as_deref().map(str::to_owned);
         match &err {

@@ -1,0 +1,656 @@
+#!/usr/bin/env bash
+# berth benchmark: berthd against containerd's own `ctr`, side by side, on this machine.
+#
+# Usage: bench/run.sh [--quick] [--pairs N] [--only LIST] [--work-dir DIR] [--no-build]
+#                     [--fresh-images] [--gzip-level L] [--debug-logs] [--help]
+#   --quick          small images and 2 pairs: a smoke run of every scenario (a few minutes)
+#   --pairs N        A/B pairs per comparison (default: 5 full, 2 quick)
+#   --only LIST      comma-separated subset of: cold,warm,concurrent,rss
+#   --work-dir DIR   images, registry and results (default /var/tmp/berth-bench)
+#   --no-build       use target/release/{berthd,berth} as they are
+#   --fresh-images   generate the random images again even when a cached layout exists
+#   --gzip-level L   gzip level of the generated layers (default 0; see bench/mkimage.py)
+#   --debug-logs     run berthd with BERTH_LOG=debug (timestamps for a breakdown; slower)
+#
+# What it does (needs root, Debian 12, the packages of scripts/provision.sh, python3):
+#   1. cargo build --release --bins
+#   2. writes OCI layouts of random, incompressible layers (bench/mkimage.py), cached in the
+#      work dir, each image = a busybox layer + N random layers:
+#        full:  small 1x8 MiB, medium 4x64 MiB, many 16x16 MiB, large 16x64 MiB (1 GiB),
+#               biglayer 2x512 MiB (1 GiB in two layers)
+#        quick: small 1x1, medium 4x4, many 8x1, large 8x8, biglayer 1x64 (MiB)
+#   3. starts docker-registry on 127.0.0.1 (plain HTTP, htpasswd auth) and pushes them (skopeo)
+#   4. measures, alternating A/B (berth first on odd pairs, ctr first on even ones), every
+#      measurement on a fresh containerd (own temp root, state and socket):
+#        cold   `berth pull` vs `ctr images pull` (fetch + unpack into overlayfs), small,
+#               medium and many; plus the floor: curl | sha256sum of the same blobs,
+#               sequential and 4-way
+#        warm   image present: `berth service create` (order -> RUNNING) vs `ctr run -d`;
+#               berth_start_duration_seconds read from berthd's metrics for each order
+#        concurrent  20 StartContainer orders at once for one uncached image (medium) vs one
+#               order; blob GETs counted in the registry log; also 20 concurrent PullImage
+#        rss    berthd VmHWM after pulling medium, large and biglayer
+#   5. prints medians, ratios and the targets (bench/report.py), saved with the raw figures
+#      under WORK_DIR/results/<time>/.
+# Figures are only as good as the machine is quiet: the load average is printed with them.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCH_DIR="$REPO_ROOT/bench"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
+BERTHD_BIN="$TARGET_DIR/release/berthd"
+BERTH_BIN="$TARGET_DIR/release/berth"
+
+for dir in "${HOME:-/root}/.cargo/bin" /usr/local/bin /usr/sbin /sbin; do
+    case ":$PATH:" in *":$dir:"*) ;; *) [[ -d "$dir" ]] && PATH="$dir:$PATH" ;; esac
+done
+export PATH
+
+mode=full
+pairs=""
+only="cold,warm,concurrent,rss"
+work_dir=/var/tmp/berth-bench
+build=1
+fresh_images=0
+gzip_level=0
+berth_log=info
+while (($#)); do
+    case "$1" in
+        --quick) mode=quick ;;
+        --pairs) pairs="$2"; shift ;;
+        --only) only="$2"; shift ;;
+        --work-dir) work_dir="$2"; shift ;;
+        --no-build) build=0 ;;
+        --fresh-images) fresh_images=1 ;;
+        --gzip-level) gzip_level="$2"; shift ;;
+        --debug-logs) berth_log=debug ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            printf 'bench: unknown argument %s (see --help)\n' "$1" >&2
+            exit 64
+            ;;
+    esac
+    shift
+done
+
+if [[ $mode == quick ]]; then
+    pairs="${pairs:-2}"
+    concurrent_reps=1
+    # name layers MiB-per-layer
+    images=("small 1 1" "medium 4 4" "many 8 1" "large 8 8" "biglayer 1 64")
+else
+    pairs="${pairs:-5}"
+    concurrent_reps=3
+    images=("small 1 8" "medium 4 64" "many 16 16" "large 16 64" "biglayer 2 512")
+fi
+[[ $pairs =~ ^[1-9][0-9]*$ ]] || { echo "bench: --pairs wants a positive number" >&2; exit 64; }
+CONCURRENT_ORDERS=20
+warm_pairs=$((pairs + 2))
+
+say() { printf '    %s\n' "$*"; }
+step() { printf '\n==> %s\n' "$*"; }
+die() {
+    printf 'bench: error: %s\n' "$*" >&2
+    exit 1
+}
+has() { [[ ",$only," == *",$1,"* ]]; }
+
+[[ $(id -u) -eq 0 ]] || die "run as root: containerd and berthd need it"
+for tool in containerd ctr runc docker-registry skopeo htpasswd curl python3 jq grpcurl sha256sum /usr/bin/time; do
+    command -v "$tool" >/dev/null || die "missing $tool (scripts/provision.sh installs the Debian packages)"
+done
+[[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || die "/bin/busybox must be static (busybox-static)"
+
+mkdir -p "$work_dir"
+RESULTS="$work_dir/results/$(date +%Y%m%d-%H%M%S)-$mode"
+mkdir -p "$RESULTS/logs"
+RAW="$RESULTS/raw.tsv"
+: >"$RAW"
+RUN_DIR="$work_dir/run"
+rm -rf "$RUN_DIR"
+mkdir -p "$RUN_DIR"
+
+# ------------------------------------------------------------------------------------------
+# processes started here: recorded by pid, stopped by pid
+# ------------------------------------------------------------------------------------------
+registry_pid=""
+ctrd_pid=""
+ctrd_dir=""
+ctrd_ns=""
+berthd_pid=""
+
+pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+
+stop_pid() { # PID [SECONDS]: SIGTERM, then SIGKILL
+    local pid="$1" limit="${2:-15}"
+    pid_alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + limit))
+    while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.05; done
+    pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+wait_until() { # SECONDS COMMAND...: poll until it succeeds
+    local limit="$1"
+    shift
+    local deadline=$((SECONDS + limit))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.05
+    done
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+now() { printf '%s' "$EPOCHREALTIME"; }
+since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.6f", b - a }'; }
+diff_of() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", b - a }'; }
+
+record() { # SCENARIO IMAGE SIDE REP METRIC VALUE
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RAW"
+}
+
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+
+cpu_seconds() { # PID -> utime+stime of the process, seconds
+    local ticks
+    ticks="$(getconf CLK_TCK)"
+    awk -v hz="$ticks" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || printf '0'
+}
+
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || printf '0'; }
+
+timed_cpu() { # OUTFILE COMMAND...: runs it under /usr/bin/time; OUTFILE gets "user+sys"
+    local out="$1"
+    shift
+    /usr/bin/time -f '%U %S' -o "$out.time" "$@"
+    local status=$?
+    awk '{ printf "%.2f", $1 + $2 }' "$out.time" >"$out"
+    return $status
+}
+
+# --- containerd, fresh per measurement -----------------------------------------------------
+ctrd_start() { # LABEL
+    ctrd_dir="$RUN_DIR/containerd-$1-$RANDOM$RANDOM"
+    ctrd_ns="bench-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+    mkdir -p "$ctrd_dir"
+    cat >"$ctrd_dir/config.toml" <<EOF
+version = 2
+root = "$ctrd_dir/root"
+state = "$ctrd_dir/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "$ctrd_dir/containerd.sock"
+
+[ttrpc]
+  address = "$ctrd_dir/containerd.sock.ttrpc"
+
+[debug]
+  address = "$ctrd_dir/debug.sock"
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$ctrd_dir/opt"
+EOF
+    setsid containerd --config "$ctrd_dir/config.toml" >"$ctrd_dir/containerd.log" 2>&1 </dev/null &
+    ctrd_pid=$!
+    wait_until 30 ctr --address "$ctrd_dir/containerd.sock" --connect-timeout 1s version ||
+        die "containerd did not answer; see $ctrd_dir/containerd.log"
+}
+
+ctr_() { ctr --address "$ctrd_dir/containerd.sock" -n "$ctrd_ns" "$@"; }
+
+ctrd_stop() {
+    [[ -n "$ctrd_dir" ]] || return 0
+    local sock="$ctrd_dir/containerd.sock" ns task container pid
+    if pid_alive "$ctrd_pid"; then
+        for ns in $(ctr --address "$sock" --timeout 20s namespaces ls -q 2>/dev/null); do
+            for task in $(ctr --address "$sock" -n "$ns" tasks ls -q 2>/dev/null); do
+                ctr --address "$sock" -n "$ns" --timeout 20s tasks kill -s SIGKILL "$task" >/dev/null 2>&1 || true
+            done
+            for task in $(ctr --address "$sock" -n "$ns" tasks ls -q 2>/dev/null); do
+                ctr --address "$sock" -n "$ns" --timeout 20s tasks rm -f "$task" >/dev/null 2>&1 || true
+            done
+            for container in $(ctr --address "$sock" -n "$ns" containers ls -q 2>/dev/null); do
+                ctr --address "$sock" -n "$ns" --timeout 20s containers rm "$container" >/dev/null 2>&1 || true
+            done
+        done
+    fi
+    stop_pid "$ctrd_pid" 20
+    # Shims started by this containerd name its socket (its own dir) on their command line.
+    for pid in $(grep -l -F -- "$ctrd_dir/" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
+        [[ $pid != "$$" ]] && stop_pid "$pid" 5
+    done
+    awk -v prefix="$ctrd_dir/" 'index($5, prefix) == 1 { print length($5), $5 }' /proc/self/mountinfo |
+        sort -rn | cut -d' ' -f2- | while read -r mount_point; do
+        umount -l "$(printf '%b' "$mount_point")" 2>/dev/null || true
+    done
+    rm -rf "/run/containerd/runc/$ctrd_ns" "$ctrd_dir"
+    ctrd_pid=""
+    ctrd_dir=""
+}
+
+# --- berthd on the current containerd -------------------------------------------------------
+berthd_start() { # LABEL; sets berthd_sock, berthd_metrics, secret_id
+    local dir="$ctrd_dir/berthd"
+    mkdir -p "$dir"
+    berthd_label="$1"
+    berthd_sock="$dir/berthd.sock"
+    berthd_metrics="127.0.0.1:$(free_port)"
+    cat >"$dir/berthd.toml" <<EOF
+listen = "unix://$berthd_sock"
+state_dir = "$dir/state"
+metrics_listen = "$berthd_metrics"
+
+[containerd]
+socket = "$ctrd_dir/containerd.sock"
+namespace = "$ctrd_ns"
+
+[secrets]
+key_file = "$dir/secrets.key"
+
+[registry]
+plain_http = ["$REGISTRY"]
+EOF
+    BERTH_LOG="$berth_log" setsid "$BERTHD_BIN" --config "$dir/berthd.toml" >"$dir/berthd.log" 2>&1 </dev/null &
+    berthd_pid=$!
+    wait_until 30 berth_ ps || die "berthd did not answer; see $dir/berthd.log"
+    secret_id="$(printf '%s' "$REGISTRY_PASSWORD" | berth_ secret docker create --name bench \
+        --server "$REGISTRY" --username "$REGISTRY_USER" --password-stdin)"
+    [[ $secret_id == secret-* ]] || die "berth secret docker create printed: $secret_id"
+}
+
+berth_() { "$BERTH_BIN" --address "$berthd_sock" "$@"; }
+
+berthd_stop() {
+    [[ -n "$berthd_pid" ]] || return 0
+    stop_pid "$berthd_pid" 20
+    cp "$ctrd_dir/berthd/berthd.log" "$RESULTS/logs/$berthd_label.berthd.log" 2>/dev/null || true
+    berthd_pid=""
+}
+
+start_seconds_sum() { # berth_start_duration_seconds_sum from berthd's metrics
+    curl -s --max-time 5 "http://$berthd_metrics/metrics" |
+        awk '$1 == "berth_start_duration_seconds_sum" { print $2; found = 1 } END { if (!found) print 0 }'
+}
+
+grpc_() { # METHOD JSON: one berth.v1.Agent call over berthd's socket
+    grpcurl -plaintext -unix -import-path "$REPO_ROOT/proto" -proto berth/v1/agent.proto \
+        -d "$2" "$berthd_sock" "berth.v1.Agent/$1"
+}
+
+on_exit() {
+    local status=$?
+    berthd_stop 2>/dev/null || true
+    ctrd_stop 2>/dev/null || true
+    stop_pid "$registry_pid" 10 2>/dev/null || true
+    if [[ $status -ne 0 ]]; then
+        printf '\nbench: FAILED (exit %s). Results so far: %s; run dir: %s\n' "$status" "$RESULTS" "$RUN_DIR" >&2
+    fi
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------------------------------
+step "machine"
+{
+    printf 'mode\t%s\n' "$mode"
+    printf 'pairs\t%s\n' "$pairs"
+    printf 'nproc\t%s\n' "$(nproc)"
+    printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+    printf 'kernel\t%s\n' "$(uname -r)"
+    printf 'memory\t%s\n' "$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+    printf 'containerd\t%s\n' "$(containerd --version | awk '{ print $3 }')"
+    printf 'runc\t%s\n' "$(runc --version | awk 'NR == 1 { print $3 }')"
+    printf 'registry\t%s\n' "$(docker-registry --version 2>/dev/null | awk '{ print $NF }')"
+    printf 'berth_commit\t%s%s\n' "$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+        "$(git -C "$REPO_ROOT" diff --quiet HEAD -- agent 2>/dev/null || echo ' (+ uncommitted changes in agent/)')"
+    printf 'filesystem\t%s\n' "$(df -T "$work_dir" | awk 'NR == 2 { print $2 }')"
+    printf 'load_start\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+    printf 'gzip_level\t%s\n' "$gzip_level"
+} >"$RESULTS/machine.tsv"
+sed 's/\t/: /' "$RESULTS/machine.tsv" | sed 's/^/    /'
+
+if ((build)); then
+    step "cargo build --release --bins"
+    (cd "$REPO_ROOT" && cargo build --release --bins)
+fi
+[[ -x $BERTHD_BIN && -x $BERTH_BIN ]] || die "no $BERTHD_BIN / $BERTH_BIN (drop --no-build)"
+
+# ------------------------------------------------------------------------------------------
+step "images (random layers; cached in $work_dir/images)"
+declare -A IMAGE_DIR IMAGE_LAYERS IMAGE_BYTES
+for spec in "${images[@]}"; do
+    read -r name layers mib <<<"$spec"
+    dir="$work_dir/images/$name-${layers}x${mib}MiB-gz$gzip_level"
+    if ((fresh_images)) || [[ ! -f $dir/bench-image.json ]]; then
+        started="$(now)"
+        python3 "$BENCH_DIR/mkimage.py" "$dir" --layers "$layers" --layer-mib "$mib" \
+            --gzip-level "$gzip_level" >/dev/null
+        say "$name: ${layers} x ${mib} MiB written in $(since "$started") s"
+    else
+        say "$name: ${layers} x ${mib} MiB (cached layout)"
+    fi
+    IMAGE_DIR[$name]="$dir"
+    IMAGE_LAYERS[$name]=$((layers + 1))
+    IMAGE_BYTES[$name]="$(jq '[.blobs[].size] | add' "$dir/bench-image.json")"
+done
+
+step "registry (docker-registry, htpasswd, plain HTTP on 127.0.0.1)"
+REGISTRY="127.0.0.1:$(free_port)"
+REGISTRY_USER=bench
+REGISTRY_PASSWORD="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+mkdir -p "$RUN_DIR/registry"
+htpasswd -Bbn "$REGISTRY_USER" "$REGISTRY_PASSWORD" >"$RUN_DIR/registry/htpasswd"
+cat >"$RUN_DIR/registry/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $RUN_DIR/registry/storage
+  delete:
+    enabled: true
+http:
+  addr: $REGISTRY
+  secret: $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+health:
+  storagedriver:
+    enabled: false
+auth:
+  htpasswd:
+    realm: berth-bench
+    path: $RUN_DIR/registry/htpasswd
+EOF
+REGISTRY_LOG="$RUN_DIR/registry/registry.log"
+setsid docker-registry serve "$RUN_DIR/registry/config.yml" >"$REGISTRY_LOG" 2>&1 </dev/null &
+registry_pid=$!
+registry_answers() { [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/")" == 401 ]]; }
+wait_until 30 registry_answers || die "the registry did not answer; see $REGISTRY_LOG"
+say "$REGISTRY, user $REGISTRY_USER"
+for spec in "${images[@]}"; do
+    read -r name _ <<<"$spec"
+    started="$(now)"
+    skopeo --insecure-policy copy --quiet --dest-tls-verify=false \
+        --dest-creds "$REGISTRY_USER:$REGISTRY_PASSWORD" \
+        "oci:${IMAGE_DIR[$name]}:latest" "docker://$REGISTRY/bench/$name:latest"
+    pushed="$(skopeo inspect --raw --tls-verify=false --creds "$REGISTRY_USER:$REGISTRY_PASSWORD" \
+        "docker://$REGISTRY/bench/$name:latest" | sha256sum | cut -d' ' -f1)"
+    [[ "sha256:$pushed" == "$(jq -r .manifest "${IMAGE_DIR[$name]}/bench-image.json")" ]] ||
+        die "the registry serves another manifest for bench/$name than the layout holds"
+    say "pushed bench/$name ($(awk -v b="${IMAGE_BYTES[$name]}" 'BEGIN { printf "%.1f", b / 1048576 }') MiB) in $(since "$started") s"
+done
+image_ref() { printf '%s/bench/%s:latest' "$REGISTRY" "$1"; }
+
+# GET .../blobs/<digest> answered 200/206 since log line FROM: "<total> <max per blob> <blobs>"
+blob_gets_since() { # FROM REPOSITORY
+    tail -n +"$(($1 + 1))" "$REGISTRY_LOG" | python3 -c '
+import collections, re, sys
+repo = sys.argv[1]
+counts = collections.Counter()
+for line in sys.stdin:
+    if "response completed" not in line or "http.request.method=GET" not in line:
+        continue
+    uri = re.search(r"http\.request\.uri=\"?(/v2/[^\" ]+)", line)
+    status = re.search(r"http\.response\.status=(\d+)", line)
+    if uri and status and status.group(1) in ("200", "206") and uri.group(1).startswith(f"/v2/{repo}/blobs/"):
+        counts[uri.group(1)] += 1
+print(sum(counts.values()), max(counts.values(), default=0), len(counts))
+' "$2"
+}
+log_lines() { wc -l <"$REGISTRY_LOG"; }
+
+snapshot_count() { ctr_ snapshots ls 2>/dev/null | grep -c Committed || true; }
+
+# ------------------------------------------------------------------------------------------
+# scenarios
+# ------------------------------------------------------------------------------------------
+cold_berth() { # IMAGE REP
+    local image="$1" rep="$2" started cpu0 cpud0 wall
+    ctrd_start "cold-berth-$image-$rep"
+    berthd_start "cold-$image-$rep"
+    record cold "$image" berth "$rep" load "$(loadavg)"
+    cpu0="$(cpu_seconds "$berthd_pid")"
+    cpud0="$(cpu_seconds "$ctrd_pid")"
+    started="$(now)"
+    timed_cpu "$RUN_DIR/cli-cpu" "$BERTH_BIN" --address "$berthd_sock" pull "$(image_ref "$image")" \
+        --pull-secret "$secret_id" >/dev/null ||
+        die "berth pull $image failed; see $ctrd_dir/berthd/berthd.log"
+    wall="$(since "$started")"
+    record cold "$image" berth "$rep" seconds "$wall"
+    record cold "$image" berth "$rep" cpu_client "$(awk -v a="$cpu0" -v b="$(cpu_seconds "$berthd_pid")" -v c="$(cat "$RUN_DIR/cli-cpu")" 'BEGIN { printf "%.2f", b - a + c }')"
+    record cold "$image" berth "$rep" cpu_containerd "$(diff_of "$cpud0" "$(cpu_seconds "$ctrd_pid")")"
+    record cold "$image" berth "$rep" hwm_kib "$(hwm_kib "$berthd_pid")"
+    [[ "$(snapshot_count)" -ge "${IMAGE_LAYERS[$image]}" ]] || die "berth pull left fewer than ${IMAGE_LAYERS[$image]} committed snapshots"
+    say "cold $image #$rep berth: ${wall} s"
+    berthd_stop
+    ctrd_stop
+}
+
+cold_ctr() { # IMAGE REP
+    local image="$1" rep="$2" started cpud0 wall
+    ctrd_start "cold-ctr-$image-$rep"
+    record cold "$image" ctr "$rep" load "$(loadavg)"
+    cpud0="$(cpu_seconds "$ctrd_pid")"
+    started="$(now)"
+    timed_cpu "$RUN_DIR/cli-cpu" ctr --address "$ctrd_dir/containerd.sock" -n "$ctrd_ns" images pull --plain-http --user "$REGISTRY_USER:$REGISTRY_PASSWORD" \
+        "$(image_ref "$image")" >/dev/null || die "ctr images pull $image failed"
+    wall="$(since "$started")"
+    record cold "$image" ctr "$rep" seconds "$wall"
+    record cold "$image" ctr "$rep" cpu_client "$(cat "$RUN_DIR/cli-cpu")"
+    record cold "$image" ctr "$rep" cpu_containerd "$(diff_of "$cpud0" "$(cpu_seconds "$ctrd_pid")")"
+    [[ "$(snapshot_count)" -ge "${IMAGE_LAYERS[$image]}" ]] || die "ctr pull left fewer than ${IMAGE_LAYERS[$image]} committed snapshots"
+    say "cold $image #$rep ctr:   ${wall} s"
+    ctrd_stop
+}
+
+floor_blob() { # REPOSITORY DIGEST: fetch, hash, compare
+    local hash
+    hash="$(curl -sS -f -u "$REGISTRY_USER:$REGISTRY_PASSWORD" "http://$REGISTRY/v2/$1/blobs/$2" | sha256sum | cut -d' ' -f1)"
+    [[ "sha256:$hash" == "$2" ]] || { echo "floor: $2 hashed to $hash" >&2; return 1; }
+}
+export -f floor_blob
+export REGISTRY REGISTRY_USER REGISTRY_PASSWORD
+
+floor() { # IMAGE REP
+    local image="$1" rep="$2" started digests wall
+    digests="$(jq -r '.blobs[].digest' "${IMAGE_DIR[$image]}/bench-image.json")"
+    started="$(now)"
+    for digest in $digests; do floor_blob "bench/$image" "$digest" || die "floor fetch failed"; done
+    wall="$(since "$started")"
+    record cold "$image" floor_seq "$rep" seconds "$wall"
+    started="$(now)"
+    printf '%s\n' $digests | xargs -P 4 -I{} bash -c 'floor_blob "$0" "$1"' "bench/$image" {} || die "floor fetch failed"
+    record cold "$image" floor_4way "$rep" seconds "$(since "$started")"
+    say "cold $image #$rep floor: ${wall} s sequential, $(awk -F'\t' -v i="$image" -v r="$rep" '$1 == "cold" && $2 == i && $3 == "floor_4way" && $4 == r { print $6 }' "$RAW") s 4-way"
+}
+
+warm_service_file() { # FILE NAME IMAGE POLICY
+    cat >"$1" <<EOF
+version: v1
+kind: Service
+metadata:
+  name: $2
+container:
+  image: $3
+  pull_secret: $secret_id
+  command: ["/bin/sleep", "30"]
+  pull_policy: $4
+EOF
+}
+
+warm_berth_order() { # REP NAME POLICY METRIC-PREFIX
+    local rep="$1" name="$2" policy="$3" prefix="$4" file="$ctrd_dir/$2.yaml" m0 started wall server state
+    warm_service_file "$file" "$name" "$(image_ref small)" "$policy"
+    m0="$(start_seconds_sum)"
+    started="$(now)"
+    berth_ service create --file "$file" >/dev/null 2>&1 || die "berth service create $name failed; see $ctrd_dir/berthd/berthd.log"
+    wall="$(since "$started")"
+    server="$(diff_of "$m0" "$(start_seconds_sum)")"
+    state="$(berth_ get "$name" --output json | jq -r .state)"
+    [[ $state == RUNNING ]] || die "container $name is $state, not RUNNING"
+    record warm small berth "$rep" "${prefix}_cli" "$wall"
+    record warm small berth "$rep" "${prefix}_server" "$server"
+    say "warm #$rep berth $prefix: ${wall} s (berthd order->RUNNING ${server} s)"
+}
+
+warm_berth() { # REP
+    local rep="$1"
+    ctrd_start "warm-berth-$rep"
+    berthd_start "warm-$rep"
+    berth_ pull "$(image_ref small)" --pull-secret "$secret_id" >/dev/null || die "berth pull failed"
+    record warm small berth "$rep" load "$(loadavg)"
+    # pull_policy Never: the CLI sends StartContainer alone; with the image present berthd takes
+    # the same branch as IF_NOT_PRESENT. The first order re-checks access with the registry.
+    warm_berth_order "$rep" w1 Never first
+    warm_berth_order "$rep" w2 Never cached
+    # IfNotPresent through the CLI: it calls PullImage (which asks the registry) first.
+    warm_berth_order "$rep" w3 IfNotPresent cli_ifnotpresent
+    berthd_stop
+    ctrd_stop
+}
+
+warm_ctr() { # REP
+    local rep="$1" started wall id
+    ctrd_start "warm-ctr-$rep"
+    ctr_ images pull --plain-http --user "$REGISTRY_USER:$REGISTRY_PASSWORD" "$(image_ref small)" >/dev/null ||
+        die "ctr images pull failed"
+    record warm small ctr "$rep" load "$(loadavg)"
+    for id in c1 c2; do
+        touch "$ctrd_dir/$id.log"
+        started="$(now)"
+        ctr_ run -d --log-uri "file://$ctrd_dir/$id.log" "$(image_ref small)" "$id" /bin/sleep 30 >/dev/null ||
+            die "ctr run -d $id failed"
+        wall="$(since "$started")"
+        ctr_ tasks ls | awk -v id="$id" '$1 == id && $3 == "RUNNING" { found = 1 } END { exit !found }' ||
+            die "ctr task $id is not RUNNING"
+        record warm small ctr "$rep" "run_$id" "$wall"
+        say "warm #$rep ctr run -d $id: ${wall} s"
+    done
+    ctrd_stop
+}
+
+concurrent_one() { # REP KIND(single|orders|pulls)
+    local rep="$1" kind="$2" n=1 i from started total first ok gets
+    [[ $kind == single ]] || n=$CONCURRENT_ORDERS
+    ctrd_start "concurrent-$kind-$rep"
+    berthd_start "concurrent-$kind-$rep"
+    record concurrent medium "$kind" "$rep" load "$(loadavg)"
+    from="$(log_lines)"
+    local out="$ctrd_dir/orders"
+    mkdir -p "$out"
+    started="$(now)"
+    for ((i = 1; i <= n; i++)); do
+        (
+            if [[ $kind == pulls ]]; then
+                berth_ pull "$(image_ref medium)" --pull-secret "$secret_id" >"$out/$i.out" 2>&1 && status=0 || status=$?
+            else
+                body="$(jq -nc --arg order "bench-$kind-$rep-$i" --arg name "c$i" --arg image "$(image_ref medium)" \
+                    --arg secret "$secret_id" '{order_id: $order, name: $name, container: {image: $image,
+                    pull_secret: $secret, command: ["/bin/sleep", "30"], pull_policy: "IF_NOT_PRESENT"}}')"
+                grpc_ StartContainer "$body" >"$out/$i.out" 2>&1 && status=0 || status=$?
+            fi
+            printf '%s %s\n' "$EPOCHREALTIME" "$status" >"$out/$i.done"
+        ) &
+    done
+    wait
+    total="$(since "$started")"
+    first="$(cat "$out"/*.done | awk -v a="$started" 'NR == 1 || $1 < min { min = $1 } END { printf "%.6f", min - a }')"
+    ok="$(cat "$out"/*.done | awk '$2 == 0' | wc -l)"
+    read -r gets max_per_blob distinct <<<"$(blob_gets_since "$from" bench/medium)"
+    record concurrent medium "$kind" "$rep" seconds "$total"
+    record concurrent medium "$kind" "$rep" first_done "$first"
+    record concurrent medium "$kind" "$rep" ok "$ok"
+    record concurrent medium "$kind" "$rep" requests "$n"
+    record concurrent medium "$kind" "$rep" blob_gets "$gets"
+    record concurrent medium "$kind" "$rep" max_gets_per_blob "$max_per_blob"
+    record concurrent medium "$kind" "$rep" blobs "$distinct"
+    if [[ $kind != pulls ]]; then
+        record concurrent medium "$kind" "$rep" running "$(berth_ ps --output json | jq '[.. | objects | select(.state? == "RUNNING")] | length')"
+    fi
+    if ((ok < n)); then
+        say "concurrent $kind #$rep: $((n - ok)) of $n failed; first failure:"
+        for i in $(seq 1 "$n"); do
+            if ! grep -q ' 0$' "$out/$i.done"; then sed 's/^/        /' "$out/$i.out" | head -5; break; fi
+        done
+    fi
+    say "concurrent $kind #$rep: $n in ${total} s (first done ${first} s), $ok ok, blob GETs $gets for $distinct blobs (max $max_per_blob per blob)"
+    berthd_stop
+    ctrd_stop
+}
+
+rss_one() { # IMAGE REP
+    local image="$1" rep="$2" idle sampled=0 rss pull_pid
+    ctrd_start "rss-$image-$rep"
+    berthd_start "rss-$image-$rep"
+    idle="$(hwm_kib "$berthd_pid")"
+    berth_ pull "$(image_ref "$image")" --pull-secret "$secret_id" >/dev/null &
+    pull_pid=$!
+    while pid_alive "$pull_pid"; do
+        rss="$(awk '/^VmRSS:/ { print $2 }' "/proc/$berthd_pid/status")"
+        ((rss > sampled)) && sampled=$rss
+        sleep 0.02
+    done
+    wait "$pull_pid" || die "berth pull $image failed"
+    record rss "$image" berth "$rep" hwm_idle_kib "$idle"
+    record rss "$image" berth "$rep" hwm_kib "$(hwm_kib "$berthd_pid")"
+    record rss "$image" berth "$rep" rss_sampled_max_kib "$sampled"
+    say "rss $image: berthd VmHWM $(hwm_kib "$berthd_pid") KiB after the pull ($idle KiB before; sampled RSS max $sampled KiB)"
+    berthd_stop
+    ctrd_stop
+}
+
+# ------------------------------------------------------------------------------------------
+if has cold; then
+    for image in medium small many; do
+        step "cold pull + unpack: $image ($pairs pairs, alternating)"
+        for ((rep = 1; rep <= pairs; rep++)); do
+            if ((rep % 2)); then cold_berth "$image" "$rep"; cold_ctr "$image" "$rep"
+            else cold_ctr "$image" "$rep"; cold_berth "$image" "$rep"; fi
+            floor "$image" "$rep"
+        done
+    done
+fi
+
+if has warm; then
+    step "warm start to RUNNING: small image present ($warm_pairs pairs, alternating)"
+    for ((rep = 1; rep <= warm_pairs; rep++)); do
+        if ((rep % 2)); then warm_berth "$rep"; warm_ctr "$rep"
+        else warm_ctr "$rep"; warm_berth "$rep"; fi
+    done
+fi
+
+if has concurrent; then
+    step "$CONCURRENT_ORDERS concurrent orders for one uncached image (medium), $concurrent_reps rounds"
+    for ((rep = 1; rep <= concurrent_reps; rep++)); do
+        if ((rep % 2)); then concurrent_one "$rep" single; concurrent_one "$rep" orders
+        else concurrent_one "$rep" orders; concurrent_one "$rep" single; fi
+        concurrent_one "$rep" pulls
+    done
+fi
+
+if has rss; then
+    step "berthd peak RSS while pulling"
+    for image in medium large biglayer; do rss_one "$image" 1; done
+fi
+
+printf 'load_end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS/machine.tsv"
+for spec in "${images[@]}"; do
+    read -r name layers mib <<<"$spec"
+    printf 'image_%s\t%s x %s MiB + busybox layer, %s bytes\n' "$name" "$layers" "$mib" "${IMAGE_BYTES[$name]}" >>"$RESULTS/machine.tsv"
+done
+cp "$REGISTRY_LOG" "$RESULTS/logs/registry.log"
+
+step "results"
+python3 "$BENCH_DIR/report.py" "$RESULTS" | tee "$RESULTS/summary.txt"
+printf '\nraw figures: %s\n' "$RAW"
