@@ -95,6 +95,7 @@ pub async fn run(
             ca_pems: ca_pems.clone(),
             connect_timeout: Duration::from_secs(config.registry.connect_timeout_seconds),
             read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
+            retries: config.registry.retries,
         },
         metrics.clone(),
     )

@@ -30,6 +30,7 @@ pub(crate) mod containerd;
 pub(crate) mod metrics;
 pub(crate) mod order;
 pub(crate) mod pull;
+pub(crate) mod retry;
 pub(crate) mod run;
 pub(crate) mod secret;
 pub(crate) mod spec;

@@ -98,9 +98,9 @@ impl crate::pull::UncountedPull for RunError {
         };
         match err {
             AuthError::Rejected { .. } => Some("denied"),
-            AuthError::Unreachable { .. } | AuthError::TokenEndpointDown { .. } => {
-                Some("unavailable")
-            }
+            AuthError::Unreachable { .. }
+            | AuthError::RegistryUnreachable { .. }
+            | AuthError::TokenEndpointDown { .. } => Some("unavailable"),
             // An order pairing a secret with another host is invalid, not a failed pull.
             AuthError::WrongServer { .. } => None,
             AuthError::TokenResponse { .. }
@@ -231,6 +231,9 @@ impl Runner {
         let secret = self
             .load_secret(&order.project, order.pull_secret.as_deref())
             .await?;
+        // Held until the container record references the image, so neither a concurrent pull
+        // nor a prune can pull the image out from under this order.
+        let image_guard = self.locks.lock(image_lock(&order.image)).await;
         let image = self.ensure_image(&order, secret.as_ref()).await?;
 
         let spec = spec::build(&SpecInput {
@@ -273,6 +276,7 @@ impl Runner {
                     containerd_err(source)
                 }
             })?;
+        drop(image_guard);
 
         // From here on a failure removes the container again: no orphans.
         if let Err(err) = self.start_task(&id).await {
@@ -345,6 +349,9 @@ impl Runner {
     ) -> Result<PulledImage, RunError> {
         let secret = self.load_secret(project, pull_secret).await?;
         let secret_id = secret.as_ref().map(|s| s.meta.id.to_string());
+        // One pull per image at a time: a start order for the same image waits and then finds
+        // it present, instead of downloading the same blobs beside this pull.
+        let _image_guard = self.locks.lock(image_lock(image)).await;
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
         self.puller
             .pull_mirrors_first(image, secret.as_ref(), Some(progress.clone()), || {
@@ -356,7 +363,8 @@ impl Runner {
             .await
     }
 
-    /// Present and allowed, or pulled now, per the order's pull policy.
+    /// Present and allowed, or pulled now, per the order's pull policy. The caller holds the
+    /// image's lock.
     async fn ensure_image(
         &self,
         order: &Order,
@@ -364,7 +372,6 @@ impl Runner {
     ) -> Result<PulledImage, RunError> {
         let image_ref = &order.image;
         let secret_id = secret.map(|s| s.meta.id.to_string());
-        let _image_guard = self.locks.lock(format!("image/{}", image_ref.name())).await;
         if order.pull_policy != PullPolicy::Always {
             if let Some(image) = self.puller.load(image_ref).await? {
                 if image.private {
@@ -654,6 +661,11 @@ impl Runner {
     fn log_path(&self, id: &str) -> PathBuf {
         self.logs_dir.join(format!("{id}.log"))
     }
+}
+
+/// The per-image lock key, shared by pulls, start orders and prune.
+pub(crate) fn image_lock(image: &ImageRef) -> String {
+    format!("image/{}", image.name())
 }
 
 /// `<project>.<name>`, or `<name>-<hash>` when that would pass containerd's 76 characters.

@@ -110,9 +110,6 @@ async fn twenty_orders_for_one_new_image_download_it_once() -> anyhow::Result<()
 /// A PullImage (pre-pull) and start orders for the same new image at the same time: one
 /// download, and every call succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "berthd bug: PullImage does not take the per-image lock, so a start order pulls the \
-            same blobs at once and containerd refuses its writer (ref locked) with UNAVAILABLE \
-            (reported to the lead)"]
 async fn a_pre_pull_and_start_orders_for_one_image_share_the_download() -> anyhow::Result<()> {
     let fx = FaultEnv::start(FAST_REGISTRY).await?;
     let pushed = fx

@@ -365,8 +365,6 @@ async fn a_registry_that_is_not_running_is_unavailable() -> anyhow::Result<()> {
 /// A pull that fails after part of a layer arrived keeps that part: the next order for the
 /// image resumes it with a Range request instead of fetching the blob again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "berthd bug: the pull lease is released on failure and containerd's GC then removes \
-            the partial ingest (reported to the lead)"]
 async fn a_failed_pull_leaves_its_partial_layer_for_the_next_order() -> anyhow::Result<()> {
     let fx = FaultEnv::start(FAST_REGISTRY).await?;
     let pushed = fx
@@ -477,9 +475,6 @@ async fn a_pull_slower_than_the_deadline_is_deadline_exceeded() -> anyhow::Resul
 
 /// A token registry whose `/v2/` ping answers 503 once: the order still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "berthd bug: auth takes any non-401 answer to GET /v2/ (503 here) for 'no challenge', \
-            caches Basic for 300 s and never retries the ping, so the order gets \
-            PERMISSION_DENIED (reported to the lead)"]
 async fn a_503_on_a_token_registrys_ping_is_survived() -> anyhow::Result<()> {
     let fx = FaultEnv::start_with(RegistryKind::Token, FAST_REGISTRY).await?;
     let pushed = fx.push("team/pinged", &["echo", "ok"], 1 << 20).await?;

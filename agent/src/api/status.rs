@@ -93,7 +93,9 @@ fn auth_code(err: &AuthError) -> Code {
     match err {
         AuthError::WrongServer { .. } | AuthError::Key { .. } => Code::InvalidArgument,
         AuthError::Rejected { .. } | AuthError::Realm { .. } => Code::PermissionDenied,
-        AuthError::Unreachable { .. } | AuthError::TokenEndpointDown { .. } => Code::Unavailable,
+        AuthError::Unreachable { .. }
+        | AuthError::RegistryUnreachable { .. }
+        | AuthError::TokenEndpointDown { .. } => Code::Unavailable,
         AuthError::TokenResponse { .. }
         | AuthError::Challenge { .. }
         | AuthError::KeyUnusable { .. } => Code::FailedPrecondition,

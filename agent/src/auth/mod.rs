@@ -52,6 +52,12 @@ pub(crate) enum AuthError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("registry {registry} is not reachable")]
+    RegistryUnreachable {
+        registry: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("token endpoint {realm} of registry {registry} answered {status}")]
     TokenEndpointDown {
         realm: String,
@@ -90,6 +96,18 @@ pub(crate) enum AuthError {
     Client(#[source] reqwest::Error),
 }
 
+impl AuthError {
+    /// The registry or token endpoint may answer if asked again.
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            AuthError::RegistryUnreachable { .. }
+                | AuthError::Unreachable { .. }
+                | AuthError::TokenEndpointDown { .. }
+        )
+    }
+}
+
 /// Settings shared with the registry client: which hosts speak plain HTTP, which CAs to trust.
 #[derive(Debug, Clone)]
 pub(crate) struct AuthSettings {
@@ -97,6 +115,8 @@ pub(crate) struct AuthSettings {
     pub(crate) ca_pems: Vec<Vec<u8>>,
     pub(crate) connect_timeout: Duration,
     pub(crate) read_timeout: Duration,
+    /// Attempts per request (connection errors, timeouts, 429 and 5xx are retried).
+    pub(crate) retries: u32,
 }
 
 /// Registry authentication ready for one pull, and whether it came from the cache (a refused
@@ -130,6 +150,7 @@ enum CachedAuth {
 #[derive(Debug)]
 pub(crate) struct Authenticator {
     http: reqwest::Client,
+    retries: u32,
     metrics: SharedMetrics,
     plain_http: Vec<String>,
     tokens: Mutex<HashMap<CacheKey, Cached>>,
@@ -154,6 +175,7 @@ impl Authenticator {
             .map_err(AuthError::Client)?;
         Ok(Self {
             http,
+            retries: settings.retries.max(1),
             metrics,
             plain_http: settings.plain_http.clone(),
             tokens: Mutex::default(),
@@ -290,8 +312,17 @@ impl Authenticator {
         }
     }
 
-    /// Asks the registry what it wants: None when `/v2/` answers without a challenge.
+    /// Asks the registry what it wants: None when `/v2/` answers 2xx (no auth needed), the
+    /// challenge when it answers 401. Connection errors, timeouts, 429 and 5xx are retried and
+    /// end as RegistryUnreachable; nothing is cached from such an answer.
     async fn challenge(&self, registry: &str) -> Result<Option<challenge::Challenge>, AuthError> {
+        crate::retry::retry(self.retries, AuthError::is_transient, || {
+            self.ping(registry)
+        })
+        .await
+    }
+
+    async fn ping(&self, registry: &str) -> Result<Option<challenge::Challenge>, AuthError> {
         let scheme = if self.plain_http.iter().any(|host| host == registry) {
             "http"
         } else {
@@ -303,17 +334,29 @@ impl Authenticator {
             registry
         };
         let url = format!("{scheme}://{host}/v2/");
-        let response =
-            self.http
-                .get(&url)
-                .send()
-                .await
-                .map_err(|source| AuthError::Unreachable {
-                    host: registry.to_owned(),
-                    source,
-                })?;
-        if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+        let unreachable =
+            |source: Box<dyn std::error::Error + Send + Sync>| AuthError::RegistryUnreachable {
+                registry: registry.to_owned(),
+                source,
+            };
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|source| unreachable(Box::new(source)))?;
+        let status = response.status();
+        if status.is_success() {
             return Ok(None);
+        }
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(unreachable(format!("/v2/ answered {status}").into()));
+        }
+        if status != reqwest::StatusCode::UNAUTHORIZED {
+            return Err(AuthError::Challenge {
+                registry: registry.to_owned(),
+                reason: "its /v2/ endpoint answered neither 2xx nor 401",
+            });
         }
         let header = response
             .headers()

@@ -184,17 +184,37 @@ async fn create(args: CreateArgs, console: &mut Console<'_>) -> Result<(), CmdEr
             (false, true) => Mode::Bars,
             (false, false) => Mode::Lines,
         };
-        let mut events = client
-            .pull_image(pb::PullImageRequest {
-                project: console.project(),
-                image: service.container.image.clone(),
-                pull_secret: service.container.pull_secret.clone(),
-            })
-            .await?
-            .into_inner();
+        let request = pb::PullImageRequest {
+            project: console.project(),
+            image: service.container.image.clone(),
+            pull_secret: service.container.pull_secret.clone(),
+        };
         let mut progress = Progress::new(mode);
-        while let Some(event) = events.message().await? {
-            progress.event(&event, console.err)?;
+        let pulled: Result<(), tonic::Status> = async {
+            let mut events = client.pull_image(request).await?.into_inner();
+            while let Some(event) = events.message().await? {
+                // A broken stderr does not stop the deploy.
+                progress.event(&event, console.err).ok();
+            }
+            Ok(())
+        }
+        .await;
+        match pulled {
+            Ok(()) => {}
+            // With the registry out of reach an image already present may still start
+            // (IF_NOT_PRESENT): the start order decides.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ) && service.container.pull_policy != pb::PullPolicy::Always as i32 =>
+            {
+                console.warn(&format!(
+                    "pre-pull failed ({}); starting from what the host has",
+                    status.message()
+                ))?;
+            }
+            Err(status) => return Err(status.into()),
         }
     }
     // No deadline here: the daemon bounds the pull with its own pull_deadline_seconds.

@@ -2,10 +2,8 @@
 //! resumed with a Range request after a cut, retried with backoff, committed only when whole.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use futures::StreamExt as _;
-use rand::Rng as _;
 use tracing::{debug, instrument, warn};
 
 use super::manifest::Descriptor;
@@ -20,9 +18,6 @@ use crate::order::ImageRef;
 const CHUNK: usize = 1 << 20;
 /// Progress is reported at most every this many bytes per blob.
 const PROGRESS_STEP: u64 = 4 << 20;
-/// First retry delay; doubled per attempt up to [`MAX_BACKOFF`], with jitter.
-const BASE_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
 /// How one streaming attempt ended badly.
 enum Failure {
@@ -85,7 +80,7 @@ impl Puller {
                 .await
             {
                 Ok(()) => {}
-                // Out of attempts: the partial ingest stays for the next order to resume.
+                // Out of attempts: the partial ingest stays (under the pull's lease) for the next order.
                 Err(Failure::Retry(err)) => return Err(err),
                 Err(Failure::Fatal(err)) => {
                     writer.abort().await.ok();
@@ -159,7 +154,7 @@ impl Puller {
                 Ok(()) => break,
                 Err(Failure::Retry(err)) if attempt < self.settings.retries => {
                     warn!(attempt, offset = verifier.seen(), error = %err, "blob fetch interrupted; resuming");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    tokio::time::sleep(crate::retry::backoff(attempt)).await;
                     attempt += 1;
                 }
                 Err(failure) => return Err(failure),
@@ -252,35 +247,5 @@ fn classify(err: PullError) -> Failure {
         Failure::Retry(err)
     } else {
         Failure::Fatal(err)
-    }
-}
-
-/// Exponential backoff with jitter: 200 ms, 400 ms, ... up to 8 s, each between half and all
-/// of that.
-pub(super) fn backoff(attempt: u32) -> Duration {
-    let full = BASE_BACKOFF
-        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF);
-    let jitter = rand::rng().random_range(0.5..=1.0);
-    full.mul_f64(jitter)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for attempt in 1..20 {
-            let delay = backoff(attempt);
-            let full = BASE_BACKOFF
-                .saturating_mul(1 << (attempt - 1).min(16))
-                .min(MAX_BACKOFF);
-            assert!(
-                delay <= full && delay >= full / 2,
-                "attempt {attempt}: {delay:?}"
-            );
-        }
-        assert!(backoff(30) <= MAX_BACKOFF);
     }
 }

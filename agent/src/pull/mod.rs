@@ -120,23 +120,13 @@ impl PullError {
     }
 }
 
-/// Runs `op` up to `attempts` times while it fails with a retryable error.
-async fn retry<T, F, Fut>(attempts: u32, mut op: F) -> Result<T, PullError>
+/// Runs `op` up to `attempts` times while the registry is unreachable, overloaded or failing.
+async fn retry<T, F, Fut>(attempts: u32, op: F) -> Result<T, PullError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, PullError>>,
 {
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(err) if err.is_retryable() && attempt < attempts => {
-                tracing::warn!(attempt, error = %err, "registry request failed; retrying");
-                tokio::time::sleep(blob::backoff(attempt)).await;
-                attempt += 1;
-            }
-            result => return result,
-        }
-    }
+    crate::retry::retry(attempts, PullError::is_retryable, op).await
 }
 
 fn secret_suffix(secret: &Option<String>) -> String {
@@ -356,7 +346,16 @@ impl Puller {
                 &progress,
             )
             .await;
-        self.containerd.release(lease).await.ok();
+        match &result {
+            // The registry may answer again: the lease keeps the partial ingests until its
+            // gc.expire passes, so the next order resumes them instead of fetching them whole.
+            Err(err) if err.is_retryable() => {
+                info!(lease = %lease.id(), "keeping the partial blobs of a failed pull for a retry");
+            }
+            _ => {
+                self.containerd.release(lease).await.ok();
+            }
+        }
         let (config, top_chain_id) = result?;
         send(
             &progress,
