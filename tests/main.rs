@@ -12,6 +12,9 @@
 //! - `seed_flow`, `reflection`, `leaks`, `errors`, `registries`: the product, end to end
 //!   (`registries`: ACR and GAR credentials, and Docker's on the token registry; `openbao`: the
 //!   OpenBao secret backend against `bao server -dev`).
+//! - `security`, `limits`, `api_access`: the security properties (hostile registries, tenants,
+//!   input limits, who may call the API, berthd's own process); SECURITY.md names the test
+//!   behind each guarantee.
 
 mod harness;
 

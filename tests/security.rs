@@ -9,7 +9,7 @@
 //! - Realms: a challenge naming an http realm, a realm with user info, a link-local realm, a
 //!   loopback realm for a registry that is not on loopback is refused (PERMISSION_DENIED) and
 //!   the realm is never asked; a token endpoint's redirect is not followed; a second challenge
-//!   cannot swap in an unchecked realm.
+//!   cannot swap in an unchecked realm; an anonymous order does not ask a refused realm either.
 //! - Foreign layers: a manifest whose layers carry `urls` is refused, and the URL never asked.
 //! - Tenants: another project's secret is NOT_FOUND exactly as an unknown one; a cached private
 //!   image starts only with a credential the registry accepts for it now; a public one for all.
@@ -533,7 +533,10 @@ async fn a_loopback_realm_is_refused_for_a_registry_not_on_loopback() -> anyhow:
             format!("https://[::ffff:127.0.0.1]:{port}/token"),
         ),
         ("localhost-dot", format!("https://localhost.:{port}/token")),
-        ("sub-localhost", format!("https://realm.localhost:{port}/token")),
+        (
+            "sub-localhost",
+            format!("https://realm.localhost:{port}/token"),
+        ),
     ] {
         let front = HostileFront::start_on(
             LOOPBACK,

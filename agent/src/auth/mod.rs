@@ -191,10 +191,7 @@ impl Authenticator {
         image: &ImageRef,
     ) -> Result<Grant, AuthError> {
         let Some(secret) = secret else {
-            return Ok(Grant {
-                auth: RegistryAuth::Anonymous,
-                cached: false,
-            });
+            return self.anonymous(image).await;
         };
         let registry = image.registry();
         if secret.meta.server != registry {
@@ -236,6 +233,35 @@ impl Authenticator {
         };
         lock(&self.tokens).remove(&key);
         lock(&self.google).remove(secret.meta.id.as_str());
+    }
+
+    /// Anonymous access: berth asks the registry's token realm itself, checked like any realm,
+    /// for an anonymous token. Left to oci-client, a hostile registry could make berthd send a
+    /// request to any realm it names (SSRF), since oci-client checks none.
+    async fn anonymous(&self, image: &ImageRef) -> Result<Grant, AuthError> {
+        let registry = image.registry();
+        let auth = match self.challenge(registry).await? {
+            Some(challenge::Challenge::Bearer { realm, service }) => {
+                let url = realm::check(&realm, registry, &self.plain_http)?;
+                let endpoint = Endpoint {
+                    url,
+                    registry,
+                    repository: image.repository(),
+                    secret: "(anonymous)",
+                };
+                self.metrics.token_request(registry, "anonymous");
+                let scope = format!("repository:{}:pull", image.repository());
+                let token = endpoint
+                    .get_anonymous(&self.http, service.as_deref(), &scope)
+                    .await?;
+                RegistryAuth::Bearer(token.value.expose_secret().to_owned())
+            }
+            Some(challenge::Challenge::Basic) | None => RegistryAuth::Anonymous,
+        };
+        Ok(Grant {
+            auth,
+            cached: false,
+        })
     }
 
     async fn authenticate(

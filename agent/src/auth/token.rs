@@ -74,6 +74,20 @@ impl Endpoint<'_> {
         }
     }
 
+    /// `GET realm?service=..&scope=..` without credentials: an anonymous token (token.md).
+    pub(super) async fn get_anonymous(
+        &self,
+        http: &reqwest::Client,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token, AuthError> {
+        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+        if let Some(service) = service {
+            query.push(("service", service));
+        }
+        self.send(http.get(self.url.clone()).query(&query)).await
+    }
+
     /// `GET realm?service=..&scope=..` with Basic credentials (distribution token.md).
     pub(super) async fn get_with_basic(
         &self,

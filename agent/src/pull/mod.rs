@@ -201,7 +201,8 @@ impl Puller {
         secret_id: Option<&str>,
         progress: Option<mpsc::Sender<PullProgress>>,
     ) -> Result<PulledImage, PullError> {
-        let private = !matches!(auth, RegistryAuth::Anonymous);
+        // With a secret the image is private; an anonymous pull may carry an anonymous token.
+        let private = secret_id.is_some();
         let started = tokio::time::Instant::now();
         let _in_flight = InFlight::count(&self.metrics);
         let work = async {
