@@ -100,6 +100,7 @@ pub async fn run(
         metrics.clone(),
     )
     .map_err(|err| DaemonError::Auth(Box::new(err)))?;
+    let auth = Arc::new(auth);
     let settings = RegistrySettings {
         plain_http: config.registry.plain_http.clone(),
         ca_pems,
@@ -118,6 +119,7 @@ pub async fn run(
     let puller = Puller::new(
         containerd.clone(),
         settings,
+        auth.clone(),
         Duration::from_secs(config.registry.pull_deadline_seconds),
         metrics.clone(),
     )
@@ -126,7 +128,7 @@ pub async fn run(
         containerd.clone(),
         puller,
         secrets.clone(),
-        Arc::new(auth),
+        auth,
         logs_dir,
         metrics.clone(),
     )

@@ -113,6 +113,7 @@ fn pull_code(err: &PullError) -> Code {
         PullError::Deadline { .. } => Code::DeadlineExceeded,
         PullError::Registry { .. } | PullError::Client { .. } => Code::Internal,
         PullError::Containerd { source, .. } => containerd_code(source),
+        PullError::Auth(err) => auth_code(err),
     }
 }
 

@@ -238,6 +238,59 @@ impl Authenticator {
     /// Anonymous access: berth asks the registry's token realm itself, checked like any realm,
     /// for an anonymous token. Left to oci-client, a hostile registry could make berthd send a
     /// request to any realm it names (SSRF), since oci-client checks none.
+    /// Authentication at `host` (a mirror, or the registry itself) for `repository`, with
+    /// `basic` credentials or anonymously, answering `host`'s own challenge after the same realm
+    /// checks as every other token request. Not cached: mirrors are tried rarely.
+    pub(crate) async fn grant_at(
+        &self,
+        host: &str,
+        plain: bool,
+        repository: &str,
+        basic: Option<(&str, &SecretString)>,
+        attempts: u32,
+    ) -> Result<RegistryAuth, AuthError> {
+        let challenge =
+            crate::retry::retry(attempts, AuthError::is_transient, || self.ping(host, plain))
+                .await?;
+        let Some(challenge::Challenge::Bearer { realm, service }) = challenge else {
+            // No challenge, or Basic: the credential (if any) goes to the host itself.
+            return Ok(match basic {
+                Some((username, password)) => {
+                    RegistryAuth::Basic(username.to_owned(), password.expose_secret().to_owned())
+                }
+                None => RegistryAuth::Anonymous,
+            });
+        };
+        let plain_hosts: Vec<String> = if plain {
+            vec![host.to_owned()]
+        } else {
+            Vec::new()
+        };
+        let url = realm::check(&realm, host, &plain_hosts)?;
+        let endpoint = Endpoint {
+            url,
+            registry: host,
+            repository,
+            secret: "(mirror credential)",
+        };
+        let scope = format!("repository:{repository}:pull");
+        let token = match basic {
+            Some((username, password)) => {
+                self.metrics.token_request(host, "mirror");
+                endpoint
+                    .get_with_basic(&self.http, service.as_deref(), &scope, username, password)
+                    .await?
+            }
+            None => {
+                self.metrics.token_request(host, "anonymous");
+                endpoint
+                    .get_anonymous(&self.http, service.as_deref(), &scope)
+                    .await?
+            }
+        };
+        Ok(RegistryAuth::Bearer(token.value.expose_secret().to_owned()))
+    }
+
     async fn anonymous(&self, image: &ImageRef) -> Result<Grant, AuthError> {
         let registry = image.registry();
         let auth = match self.challenge(registry).await? {
@@ -342,18 +395,27 @@ impl Authenticator {
     /// challenge when it answers 401. Connection errors, timeouts, 429 and 5xx are retried and
     /// end as RegistryUnreachable; nothing is cached from such an answer.
     async fn challenge(&self, registry: &str) -> Result<Option<challenge::Challenge>, AuthError> {
+        let plain = self.plain_http.iter().any(|host| host == registry);
+        self.challenge_at(registry, plain).await
+    }
+
+    async fn challenge_at(
+        &self,
+        registry: &str,
+        plain: bool,
+    ) -> Result<Option<challenge::Challenge>, AuthError> {
         crate::retry::retry(self.retries, AuthError::is_transient, || {
-            self.ping(registry)
+            self.ping(registry, plain)
         })
         .await
     }
 
-    async fn ping(&self, registry: &str) -> Result<Option<challenge::Challenge>, AuthError> {
-        let scheme = if self.plain_http.iter().any(|host| host == registry) {
-            "http"
-        } else {
-            "https"
-        };
+    async fn ping(
+        &self,
+        registry: &str,
+        plain: bool,
+    ) -> Result<Option<challenge::Challenge>, AuthError> {
+        let scheme = if plain { "http" } else { "https" };
         let host = if registry == "docker.io" {
             "registry-1.docker.io"
         } else {

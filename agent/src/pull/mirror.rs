@@ -206,6 +206,7 @@ fn falls_back(err: &PullError) -> bool {
         | PullError::Mismatch { .. }
         | PullError::Unsupported { .. }
         | PullError::Unreachable { .. }
+        | PullError::Auth(_)
         | PullError::Registry { .. } => true,
         // Verified content is the upstream's too; deadline, containerd and client set-up
         // failures would recur.
@@ -339,8 +340,8 @@ impl Puller {
             };
             let attempt = async {
                 let session = Session::open_mirror(
-                    &self.settings,
                     &self.http,
+                    &self.authenticator,
                     image,
                     &mirror.endpoint,
                     auth,
@@ -387,6 +388,7 @@ impl Puller {
             let session = Session::open(
                 &self.settings,
                 &self.http,
+                &self.authenticator,
                 image,
                 RegistryAuth::Anonymous,
                 None,

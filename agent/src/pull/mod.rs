@@ -17,6 +17,7 @@ use oci_client::secrets::RegistryAuth;
 use tokio::sync::mpsc;
 use tracing::{info, instrument};
 
+use crate::auth::{AuthError, Authenticator};
 use crate::containerd::{Containerd, ContainerdError, Lease, UnpackLayer};
 use crate::metrics::{PullLabels, SharedMetrics};
 use crate::order::ImageRef;
@@ -77,6 +78,8 @@ pub(crate) enum PullError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(transparent)]
+    Auth(AuthError),
     #[error("setting up the registry client")]
     Client {
         #[source]
@@ -108,7 +111,10 @@ impl PullError {
             PullError::Unreachable { .. } => "unavailable",
             PullError::Deadline { .. } => "deadline",
             PullError::Unsupported { .. } | PullError::Config { .. } => "unsupported",
-            PullError::Registry { .. }
+            PullError::Auth(err) if err.is_transient() => "unavailable",
+            PullError::Auth(AuthError::Rejected { .. } | AuthError::Realm { .. }) => "denied",
+            PullError::Auth(_)
+            | PullError::Registry { .. }
             | PullError::Client { .. }
             | PullError::Containerd { .. } => "error",
         }
@@ -116,7 +122,11 @@ impl PullError {
 
     /// Worth another attempt: the registry was unreachable, overloaded or failing (5xx, 429).
     pub(crate) fn is_retryable(&self) -> bool {
-        matches!(self, PullError::Unreachable { .. })
+        match self {
+            PullError::Unreachable { .. } => true,
+            PullError::Auth(err) => err.is_transient(),
+            _ => false,
+        }
     }
 }
 
@@ -171,6 +181,7 @@ pub(crate) struct PulledImage {
 pub(crate) struct Puller {
     containerd: Containerd,
     http: reqwest::Client,
+    authenticator: Arc<Authenticator>,
     settings: Arc<RegistrySettings>,
     deadline: Duration,
     metrics: SharedMetrics,
@@ -180,11 +191,13 @@ impl Puller {
     pub(crate) fn new(
         containerd: Containerd,
         settings: RegistrySettings,
+        authenticator: Arc<Authenticator>,
         deadline: Duration,
         metrics: SharedMetrics,
     ) -> Result<Self, PullError> {
         Ok(Self {
             containerd,
+            authenticator,
             http: settings.http_client()?,
             settings: Arc::new(settings),
             deadline,
@@ -208,7 +221,14 @@ impl Puller {
         let work = async {
             let attempts = self.settings.retries;
             let session = retry(attempts, || {
-                Session::open(&self.settings, &self.http, image, auth.clone(), secret_id)
+                Session::open(
+                    &self.settings,
+                    &self.http,
+                    &self.authenticator,
+                    image,
+                    auth.clone(),
+                    secret_id,
+                )
             })
             .await?;
             self.pull_from(image, &session, attempts, Privacy::Known(private), progress)
@@ -687,7 +707,14 @@ impl Puller {
         let work = async {
             let attempts = self.settings.retries;
             let session = retry(attempts, || {
-                Session::open(&self.settings, &self.http, image, auth.clone(), secret_id)
+                Session::open(
+                    &self.settings,
+                    &self.http,
+                    &self.authenticator,
+                    image,
+                    auth.clone(),
+                    secret_id,
+                )
             })
             .await?;
             retry(attempts, || session.manifest(image.reference()))

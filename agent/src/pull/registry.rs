@@ -9,10 +9,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt as _, TryStreamExt as _};
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference, RegistryOperation};
+use oci_client::Reference;
 
 use secrecy::{ExposeSecret as _, SecretString};
 use sha2::{Digest as _, Sha256};
@@ -20,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 use super::manifest::{self, Descriptor};
 use super::verify::Mismatch;
 use super::PullError;
+use crate::auth::Authenticator;
 use crate::order::ImageRef;
 
 /// Registry settings shared by every pull, from `[registry]`.
@@ -80,7 +79,7 @@ impl RegistrySettings {
 
 /// Where a session's requests go.
 struct Target {
-    /// Registry host and repository as the host knows them (oci-client authenticates with it).
+    /// Registry host and repository as the host knows them.
     reference: Reference,
     /// `host[:port]`, named in errors.
     host: String,
@@ -119,6 +118,7 @@ impl Session {
     pub(crate) async fn open(
         settings: &RegistrySettings,
         http: &reqwest::Client,
+        authenticator: &Authenticator,
         image: &ImageRef,
         auth: RegistryAuth,
         secret_id: Option<&str>,
@@ -132,14 +132,23 @@ impl Session {
             host: image.registry().to_owned(),
             plain_http,
         };
-        Self::open_at(settings, http, image, target, auth, secret_id).await
+        Self::open_at(
+            http,
+            authenticator,
+            image,
+            target,
+            auth,
+            secret_id,
+            settings.retries,
+        )
+        .await
     }
 
     /// Like [`Self::open`], but speaks to a mirror of the image's registry: `endpoint`'s host,
     /// with its path prefix before the repository. Errors name the mirror.
     pub(crate) async fn open_mirror(
-        settings: &RegistrySettings,
         http: &reqwest::Client,
+        authenticator: &Authenticator,
         image: &ImageRef,
         endpoint: &super::mirror::Endpoint,
         auth: RegistryAuth,
@@ -154,40 +163,19 @@ impl Session {
             host: endpoint.host().to_owned(),
             plain_http: endpoint.plain_http(),
         };
-        Self::open_at(settings, http, image, target, auth, secret_id).await
+        // One attempt: a failing mirror hands over to the next source.
+        Self::open_at(http, authenticator, image, target, auth, secret_id, 1).await
     }
 
     async fn open_at(
-        settings: &RegistrySettings,
         http: &reqwest::Client,
+        authenticator: &Authenticator,
         image: &ImageRef,
         target: Target,
         auth: RegistryAuth,
         secret_id: Option<&str>,
+        attempts: u32,
     ) -> Result<Self, PullError> {
-        let mut plain_http_hosts = settings.plain_http.clone();
-        if target.plain_http {
-            plain_http_hosts.push(target.host.clone());
-        }
-        let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(plain_http_hosts),
-            extra_root_certificates: settings
-                .ca_pems
-                .iter()
-                .map(|pem| Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data: pem.clone(),
-                })
-                .collect(),
-            platform_resolver: None,
-            connect_timeout: Some(settings.connect_timeout),
-            read_timeout: Some(settings.read_timeout),
-            user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),
-            ..ClientConfig::default()
-        };
-        let client = Client::try_from(config).map_err(|source| PullError::Client {
-            source: Box::new(source),
-        })?;
         let registry = target.reference.resolve_registry();
         let scheme = if target.plain_http { "http" } else { "https" };
         let mut session = Self {
@@ -199,24 +187,46 @@ impl Session {
             secret_id: secret_id.map(Arc::from),
         };
         let own_registry = target.host == image.registry();
-        let token = match &auth {
-            // On the image's own registry a Basic grant is the Authenticator's answer to the
-            // registry's challenge (realm checked there). Letting oci-client ask again would let
-            // a second, different challenge send the credential to a realm nobody checked.
-            RegistryAuth::Basic(..) if own_registry => None,
-            _ => client
-                .auth(&target.reference, &auth, RegistryOperation::Pull)
+        let auth = match auth {
+            // The Authenticator's answer to this registry's challenge (its realm checked).
+            RegistryAuth::Bearer(_) | RegistryAuth::Basic(..) if own_registry => auth,
+            // A mirror, or an anonymous request: answer that host's own challenge, after the
+            // same realm checks.
+            RegistryAuth::Basic(username, password) => {
+                let password = SecretString::from(password);
+                authenticator
+                    .grant_at(
+                        &target.host,
+                        target.plain_http,
+                        target.reference.repository(),
+                        Some((&username, &password)),
+                        attempts,
+                    )
+                    .await
+                    .map_err(PullError::Auth)?
+            }
+            RegistryAuth::Anonymous => authenticator
+                .grant_at(
+                    &target.host,
+                    target.plain_http,
+                    target.reference.repository(),
+                    None,
+                    attempts,
+                )
                 .await
-                .map_err(|err| session.classify(err))?,
+                .map_err(PullError::Auth)?,
+            RegistryAuth::Bearer(token) => RegistryAuth::Bearer(token),
         };
-        session.authorization = match (token, auth) {
-            (Some(token), _) => Some(Arc::new(SecretString::from(format!("Bearer {token}")))),
-            (None, RegistryAuth::Basic(username, password)) => {
+        session.authorization = match auth {
+            RegistryAuth::Bearer(token) => {
+                Some(Arc::new(SecretString::from(format!("Bearer {token}"))))
+            }
+            RegistryAuth::Basic(username, password) => {
                 let encoded = base64::engine::general_purpose::STANDARD
                     .encode(format!("{username}:{password}"));
                 Some(Arc::new(SecretString::from(format!("Basic {encoded}"))))
             }
-            (None, _) => None,
+            RegistryAuth::Anonymous => None,
         };
         Ok(session)
     }
@@ -398,102 +408,5 @@ impl Session {
             reference.repository().to_owned(),
             digest.to_owned(),
         )
-    }
-
-    /// Maps an oci-client error onto what it means for the order. Registry error text is
-    /// never copied into the message.
-    pub(crate) fn classify(&self, err: OciDistributionError) -> PullError {
-        let registry = self.host.to_string();
-        let repository = self.image.repository().to_owned();
-        let secret = self.secret_id.as_deref().map(str::to_owned);
-        match &err {
-            OciDistributionError::AuthenticationFailure(_)
-            | OciDistributionError::UnauthorizedError { .. } => PullError::Denied {
-                registry,
-                repository,
-                secret,
-            },
-            OciDistributionError::ImageManifestNotFoundError(_) => PullError::NotFound {
-                image: self.image.to_string(),
-            },
-            OciDistributionError::RegistryError { envelope, .. } => {
-                let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-                if codes.iter().any(|c| {
-                    matches!(
-                        c,
-                        OciErrorCode::ManifestUnknown
-                            | OciErrorCode::NameUnknown
-                            | OciErrorCode::NotFound
-                            | OciErrorCode::BlobUnknown
-                    )
-                }) {
-                    PullError::NotFound {
-                        image: self.image.to_string(),
-                    }
-                } else if codes
-                    .iter()
-                    .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
-                {
-                    PullError::Unreachable {
-                        registry,
-                        source: Box::new(err),
-                    }
-                } else if codes
-                    .iter()
-                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-                {
-                    PullError::Denied {
-                        registry,
-                        repository,
-                        secret,
-                    }
-                } else {
-                    PullError::Registry {
-                        registry,
-                        repository,
-                        source: Box::new(err),
-                    }
-                }
-            }
-            OciDistributionError::ServerError { code, .. } if *code == 404 => PullError::NotFound {
-                image: self.image.to_string(),
-            },
-            OciDistributionError::ServerError { code, .. } if *code == 403 => PullError::Denied {
-                registry,
-                repository,
-                secret,
-            },
-            OciDistributionError::ServerError { code, .. } if *code >= 500 || *code == 429 => {
-                PullError::Unreachable {
-                    registry,
-                    source: Box::new(err),
-                }
-            }
-            OciDistributionError::RequestError(inner)
-                if inner.is_connect() || inner.is_timeout() =>
-            {
-                PullError::Unreachable {
-                    registry,
-                    source: Box::new(err),
-                }
-            }
-            OciDistributionError::DigestError(_) => PullError::Mismatch {
-                image: self.image.to_string(),
-                source: super::verify::Mismatch::Digest {
-                    digest: self
-                        .image
-                        .reference()
-                        .digest()
-                        .unwrap_or("manifest")
-                        .to_owned(),
-                    actual: "another digest".to_owned(),
-                },
-            },
-            _ => PullError::Registry {
-                registry,
-                repository,
-                source: Box::new(err),
-            },
-        }
     }
 }
