@@ -20,10 +20,31 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     full.mul_f64(jitter)
 }
 
+/// The wait before attempt `attempt + 1`: the backoff, or longer if the server asked for it
+/// (`Retry-After`, already capped by the caller).
+pub(crate) fn delay(attempt: u32, asked: Option<Duration>) -> Duration {
+    backoff(attempt).max(asked.unwrap_or_default())
+}
+
 /// Runs `op` up to `attempts` times while it fails with an error `retryable` accepts.
 pub(crate) async fn retry<T, E, F, Fut>(
     attempts: u32,
     retryable: fn(&E) -> bool,
+    op: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    retry_hinted(attempts, retryable, |_| None, op).await
+}
+
+/// Like [`retry`], waiting at least as long as `asked` says the server wants (`Retry-After`).
+pub(crate) async fn retry_hinted<T, E, F, Fut>(
+    attempts: u32,
+    retryable: fn(&E) -> bool,
+    asked: fn(&E) -> Option<Duration>,
     mut op: F,
 ) -> Result<T, E>
 where
@@ -36,7 +57,7 @@ where
         match op().await {
             Err(err) if retryable(&err) && attempt < attempts => {
                 tracing::warn!(attempt, error = %err, "request failed; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(delay(attempt, asked(&err))).await;
                 attempt += 1;
             }
             result => return result,
@@ -61,6 +82,16 @@ mod tests {
             );
         }
         assert!(backoff(30) <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_servers_retry_after_lengthens_the_wait() {
+        assert!(delay(1, Some(Duration::from_secs(5))) >= Duration::from_secs(5));
+        assert!(delay(1, None) <= BASE_BACKOFF);
+        assert!(
+            delay(20, Some(Duration::from_secs(1))) >= MAX_BACKOFF / 2,
+            "a short hint never shortens the backoff"
+        );
     }
 
     #[tokio::test(start_paused = true)]

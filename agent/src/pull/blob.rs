@@ -154,7 +154,7 @@ impl Puller {
                 Ok(()) => break,
                 Err(Failure::Retry(err)) if attempt < self.settings.retries => {
                     warn!(attempt, offset = verifier.seen(), error = %err, "blob fetch interrupted; resuming");
-                    tokio::time::sleep(crate::retry::backoff(attempt)).await;
+                    tokio::time::sleep(crate::retry::delay(attempt, err.retry_after())).await;
                     attempt += 1;
                 }
                 Err(failure) => return Err(failure),

@@ -206,6 +206,7 @@ fn falls_back(err: &PullError) -> bool {
         | PullError::Mismatch { .. }
         | PullError::Unsupported { .. }
         | PullError::Unreachable { .. }
+        | PullError::Throttled { .. }
         | PullError::Auth(_)
         | PullError::Registry { .. } => true,
         // Verified content is the upstream's too; deadline, containerd and client set-up

@@ -65,6 +65,11 @@ pub(crate) enum PullError {
         #[source]
         reason: manifest::ManifestError,
     },
+    #[error("registry {registry} asked berth to come back in {} s", retry_after.as_secs())]
+    Throttled {
+        registry: String,
+        retry_after: Duration,
+    },
     #[error("registry {registry} is not reachable")]
     Unreachable {
         registry: String,
@@ -108,7 +113,7 @@ impl PullError {
             PullError::Denied { .. } => "denied",
             PullError::NotFound { .. } | PullError::NoPlatform { .. } => "not_found",
             PullError::Mismatch { .. } => "data_loss",
-            PullError::Unreachable { .. } => "unavailable",
+            PullError::Unreachable { .. } | PullError::Throttled { .. } => "unavailable",
             PullError::Deadline { .. } => "deadline",
             PullError::Unsupported { .. } | PullError::Config { .. } => "unsupported",
             PullError::Auth(err) if err.is_transient() => "unavailable",
@@ -120,10 +125,18 @@ impl PullError {
         }
     }
 
+    /// How long the registry asked berth to wait (`Retry-After`), if it did.
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PullError::Throttled { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
     /// Worth another attempt: the registry was unreachable, overloaded or failing (5xx, 429).
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
-            PullError::Unreachable { .. } => true,
+            PullError::Unreachable { .. } | PullError::Throttled { .. } => true,
             PullError::Auth(err) => err.is_transient(),
             _ => false,
         }
@@ -136,7 +149,13 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, PullError>>,
 {
-    crate::retry::retry(attempts, PullError::is_retryable, op).await
+    crate::retry::retry_hinted(
+        attempts,
+        PullError::is_retryable,
+        PullError::retry_after,
+        op,
+    )
+    .await
 }
 
 fn secret_suffix(secret: &Option<String>) -> String {

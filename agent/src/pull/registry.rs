@@ -86,6 +86,19 @@ struct Target {
     plain_http: bool,
 }
 
+/// A `Retry-After` given in seconds (the HTTP-date form is ignored), at most a minute.
+fn retry_after(response: &reqwest::Response) -> Option<std::time::Duration> {
+    let seconds: u64 = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_secs(seconds.min(60)))
+}
+
 /// One authenticated conversation with a registry about one repository.
 #[derive(Clone)]
 pub(crate) struct Session {
@@ -372,6 +385,10 @@ impl Session {
             },
             404 => PullError::NotFound {
                 image: self.image.to_string(),
+            },
+            429 | 503 if retry_after(&response).is_some() => PullError::Throttled {
+                registry,
+                retry_after: retry_after(&response).unwrap_or_default(),
             },
             429 | 500..=599 => PullError::Unreachable {
                 registry,
