@@ -115,43 +115,59 @@ def main():
 
     warm_first = get("warm", "small", "berth", "first_cli")
     if warm_first:
-        print("\nwarm start to RUNNING (small image present; medians)")
+        print("\nwarm start to RUNNING (small image present; each side's 1st, 2nd, 3rd container on a "
+              "fresh containerd; medians)")
         rows = [
-            ("berth service create, 1st order (access re-check)", "berth", "first_cli"),
+            ("1st berth service create (access re-check)", "berth", "first_cli"),
             ("  berthd order->RUNNING (berth_start_duration)", "berth", "first_server"),
-            ("berth service create, 2nd order (check cached)", "berth", "cached_cli"),
+            ("2nd berth service create (check cached)", "berth", "cached_cli"),
             ("  berthd order->RUNNING (berth_start_duration)", "berth", "cached_server"),
-            ("berth service create, pull_policy IfNotPresent", "berth", "cli_ifnotpresent_cli"),
+            ("3rd StartContainer IF_NOT_PRESENT (curl)", "berth", "grpc_cli"),
+            ("  berthd order->RUNNING (berth_start_duration)", "berth", "grpc_server"),
+            ("4th berth service create, IfNotPresent (+PullImage)", "berth", "cli_ifnotpresent_cli"),
             ("  berthd order->RUNNING (berth_start_duration)", "berth", "cli_ifnotpresent_server"),
-            ("ctr run -d, 1st container", "ctr", "run_c1"),
-            ("ctr run -d, 2nd container", "ctr", "run_c2"),
+            ("1st ctr run -d", "ctr", "run_c1"),
+            ("2nd ctr run -d", "ctr", "run_c2"),
+            ("3rd ctr run -d", "ctr", "run_c3"),
         ]
         for label, side, metric in rows:
             values = get("warm", "small", side, metric).values()
-            print(f"  {label:52} {fmt(med(values)):>9}  {spread(values)}")
-        first = med(warm_first.values())
-        cached = med(get("warm", "small", "berth", "cached_cli").values())
-        ctr1 = med(get("warm", "small", "ctr", "run_c1").values())
-        ctr2 = med(get("warm", "small", "ctr", "run_c2").values())
-        server_cached = med(get("warm", "small", "berth", "cached_server").values())
-        server_first = med(get("warm", "small", "berth", "first_server").values())
-        print(f"  berth/ctr: 1st {ratio(first, ctr1):.2f}, 2nd {ratio(cached, ctr2):.2f}")
-        overhead = server_cached - ctr2
-        print(f"  berthd order->RUNNING minus `ctr run -d` wall (same containerd work + ctr's own "
-              f"process start): {overhead * 1000:+.1f} ms (cached check), "
-              f"{(server_first - ctr1) * 1000:+.1f} ms (1st order, access re-check)")
-        targets.append(("warm start berth/ctr run -d <= 1.0 (2nd order, check cached)",
-                        f"{ratio(cached, ctr2):.2f}", ratio(cached, ctr2) <= 1.0))
-        targets.append(("warm start berth/ctr run -d <= 1.0 (1st order, access re-check)",
-                        f"{ratio(first, ctr1):.2f}", ratio(first, ctr1) <= 1.0))
-        targets.append(("berthd order-to-running overhead <= 20 ms (vs ctr run -d)",
-                        f"{overhead * 1000:+.1f} ms", overhead <= 0.020))
+            if values:
+                print(f"  {label:52} {fmt(med(values)):>9}  {spread(values)}")
+        w = lambda metric: med(get("warm", "small", "berth", metric).values())
+        c = lambda metric: med(get("warm", "small", "ctr", metric).values())
+        pairs = [("1st", w("first_cli"), c("run_c1")), ("2nd", w("cached_cli"), c("run_c2")),
+                 ("3rd (API)", w("grpc_cli"), c("run_c3"))]
+        print("  berth/ctr: " + ", ".join(f"{name} {fmt(ratio(b, r), '', 2)}" for name, b, r in pairs))
+        cpu = w("berthd_cpu_per_order")
+        if cpu is not None:
+            print(f"  berthd CPU per order (all its threads, schedstat): {cpu * 1000:.1f} ms")
+        server_api, ctr3 = w("grpc_server"), c("run_c3")
+        overhead = None
+        if server_api is not None and ctr3 is not None:
+            overhead = server_api - ctr3
+            print(f"  berthd order->RUNNING minus `ctr run -d` wall (3rd container; ctr's figure also "
+                  f"holds its own process start): {overhead * 1000:+.1f} ms")
+        for name, b, r in pairs[1:]:
+            if b is not None and r:
+                targets.append((f"warm start berth/ctr run -d <= 1.0 ({name} container)",
+                                f"{ratio(b, r):.2f}", ratio(b, r) <= 1.0))
+        if pairs[0][1] is not None and pairs[0][2]:
+            targets.append(("warm start berth/ctr run -d <= 1.0 (1st, with the access re-check)",
+                            f"{ratio(pairs[0][1], pairs[0][2]):.2f}", ratio(pairs[0][1], pairs[0][2]) <= 1.0))
+        if overhead is not None:
+            label = "berthd order-to-running overhead <= 20 ms"
+            value = f"{overhead * 1000:+.1f} ms vs ctr run -d"
+            if cpu is not None:
+                value += f"; berthd CPU {cpu * 1000:.1f} ms per order"
+            targets.append((label, value, overhead <= 0.020 and (cpu is None or cpu <= 0.020)))
 
     single = get("concurrent", "medium", "single", "seconds")
     if single:
         orders = get("concurrent", "medium", "orders", "seconds")
         print("\nconcurrent orders for one uncached image (medium; medians over rounds)")
         for kind, label in (("single", "1 StartContainer"), ("orders", "20 StartContainer at once"),
+                            ("tags", "10 StartContainer, 10 tags, 1 image"),
                             ("pulls", "20 PullImage (berth pull) at once")):
             seconds = get("concurrent", "medium", kind, "seconds")
             if not seconds:
@@ -164,18 +180,45 @@ def main():
             blobs = max(get("concurrent", "medium", kind, "blobs").values())
             running = get("concurrent", "medium", kind, "running")
             running_text = f", RUNNING {int(min(running.values()))}" if running else ""
-            print(f"  {label:34} total {fmt(med(seconds.values()))}, first done {fmt(first)}, "
+            print(f"  {label:34} client: total {fmt(med(seconds.values()))}, first done {fmt(first)}; "
                   f"ok {int(ok)}/{int(n)}{running_text}; blob GETs {int(gets)} for {int(blobs)} "
                   f"blobs (max {int(per_blob)} per blob)")
+            server = get("concurrent", "medium", kind, "server_seconds")
+            if server:
+                server_first = get("concurrent", "medium", kind, "server_first_done")
+                print(f"  {'':34} berthd: 1st order received -> last RUNNING {fmt(med(server.values()))}, "
+                      f"-> 1st RUNNING {fmt(med(server_first.values()))}")
+        ctr_runs = get("concurrent", "medium", "ctr", "runs_seconds")
+        if ctr_runs:
+            ctr_pull = med(get("concurrent", "medium", "ctr", "pull_seconds").values())
+            ctr_ok = min(get("concurrent", "medium", "ctr", "runs_ok").values())
+            print(f"  {'for scale, without berth:':34} ctr images pull {fmt(ctr_pull)}, then 20 ctr run -d "
+                  f"at once {fmt(med(ctr_runs.values()))} ({int(ctr_ok)} ok)")
         if orders:
-            rel = ratio(med(orders.values()), med(single.values()))
-            print(f"  20 orders / 1 order: {rel:.2f}")
+            server_single = med(get("concurrent", "medium", "single", "server_seconds").values())
+            server_orders = med(get("concurrent", "medium", "orders", "server_seconds").values())
+            server_first = med(get("concurrent", "medium", "orders", "server_first_done").values())
+            client_rel = ratio(med(orders.values()), med(single.values()))
+            rel = ratio(server_orders, server_single)
+            clock = "berthd's clock"
+            if rel is None or rel != rel:  # no berthd log figures: fall back to the client's
+                rel, clock = client_rel, "no berthd figures"
+            print(f"  20 orders / 1 order: {fmt(rel, '', 2)} ({clock}; client's clock "
+                  f"{fmt(client_rel, '', 2)}); 1st of 20 RUNNING / 1 order: "
+                  f"{fmt(ratio(server_first, server_single), '', 2)}")
             per_blob = max(get("concurrent", "medium", "orders", "max_gets_per_blob").values())
             ok = min(get("concurrent", "medium", "orders", "ok").values())
             targets.append(("20 concurrent orders: every blob fetched once",
                             f"max {int(per_blob)} GET per blob, {int(ok)}/20 ok",
                             per_blob == 1 and ok == 20))
-            targets.append(("20 concurrent orders: total <= 1.2 x one order", f"{rel:.2f}", rel <= 1.2))
+            targets.append(("20 concurrent orders: total <= 1.2 x one order", fmt(rel, "", 2),
+                            rel is not None and rel <= 1.2))
+        tags_ok = get("concurrent", "medium", "tags", "ok")
+        if tags_ok:
+            ok = min(tags_ok.values())
+            per_blob = max(get("concurrent", "medium", "tags", "max_gets_per_blob").values())
+            targets.append(("10 concurrent orders for 10 tags of one image: all start, each blob once",
+                            f"{int(ok)}/10 ok, max {int(per_blob)} GET per blob", ok == 10 and per_blob == 1))
 
     rss_images = [image for image in ("medium", "large", "biglayer")
                   if get("rss", image, "berth", "hwm_kib")]

@@ -25,10 +25,13 @@
 #        cold   `berth pull` vs `ctr images pull` (fetch + unpack into overlayfs), small,
 #               medium and many; plus the floor: curl | sha256sum of the same blobs,
 #               sequential and 4-way
-#        warm   image present: `berth service create` (order -> RUNNING) vs `ctr run -d`;
-#               berth_start_duration_seconds read from berthd's metrics for each order
+#        warm   image present: `berth service create`, and StartContainer IF_NOT_PRESENT sent
+#               with curl (order -> RUNNING) vs `ctr run -d`; berth_start_duration_seconds read
+#               from berthd's metrics for each order; berthd's CPU per order
 #        concurrent  20 StartContainer orders at once for one uncached image (medium) vs one
-#               order; blob GETs counted in the registry log; also 20 concurrent PullImage
+#               order; blob GETs counted in the registry log; for scale, `ctr images pull` then
+#               20 `ctr run -d` at once; also 10 orders at once for 10 tags of that image, and
+#               20 concurrent PullImage (`berth pull`)
 #        rss    berthd VmHWM after pulling medium, large and biglayer
 #   5. prints medians, ratios and the targets (bench/report.py), saved with the raw figures
 #      under WORK_DIR/results/<time>/.
@@ -99,7 +102,7 @@ die() {
 has() { [[ ",$only," == *",$1,"* ]]; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root: containerd and berthd need it"
-for tool in containerd ctr runc docker-registry skopeo htpasswd curl python3 jq grpcurl sha256sum /usr/bin/time; do
+for tool in containerd ctr runc docker-registry skopeo htpasswd curl python3 jq protoc sha256sum /usr/bin/time; do
     command -v "$tool" >/dev/null || die "missing $tool (scripts/provision.sh installs the Debian packages)"
 done
 [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || die "/bin/busybox must be static (busybox-static)"
@@ -162,6 +165,10 @@ cpu_seconds() { # PID -> utime+stime of the process, seconds
     local ticks
     ticks="$(getconf CLK_TCK)"
     awk -v hz="$ticks" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || printf '0'
+}
+
+cpu_ns() { # PID -> CPU time of all its live threads, ns (schedstat)
+    cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ sum += $1 } END { printf "%d", sum }'
 }
 
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || printf '0'; }
@@ -281,9 +288,21 @@ start_seconds_sum() { # berth_start_duration_seconds_sum from berthd's metrics
         awk '$1 == "berth_start_duration_seconds_sum" { print $2; found = 1 } END { if (!found) print 0 }'
 }
 
-grpc_() { # METHOD JSON: one berth.v1.Agent call over berthd's socket
-    grpcurl -plaintext -unix -import-path "$REPO_ROOT/proto" -proto berth/v1/agent.proto \
-        -d "$2" "$berthd_sock" "berth.v1.Agent/$1"
+# StartContainer over berthd's socket with curl (HTTP/2, gRPC framing by hand): a client that
+# costs next to no CPU, unlike 20 grpcurl processes at once on a small machine.
+start_order_message() { # FILE ORDER_ID NAME IMAGE: writes the gRPC-framed StartContainerRequest
+    printf 'order_id: "%s"\nname: "%s"\ncontainer { image: "%s" pull_secret: "%s" command: "/bin/sleep" command: "30" pull_policy: IF_NOT_PRESENT }\n' \
+        "$2" "$3" "$4" "$secret_id" |
+        protoc -I "$REPO_ROOT/proto" --encode=berth.v1.StartContainerRequest berth/v1/agent.proto >"$1.pb"
+    python3 -c 'import struct, sys; data = open(sys.argv[1], "rb").read(); sys.stdout.buffer.write(b"\0" + struct.pack(">I", len(data)) + data)' \
+        "$1.pb" >"$1"
+}
+
+start_order() { # FILE: sends it; succeeds when berthd answers grpc-status 0
+    curl -sS --http2-prior-knowledge --unix-socket "$berthd_sock" -H 'content-type: application/grpc' \
+        -H 'te: trailers' --data-binary "@$1" -D "$1.headers" -o "$1.reply" \
+        http://localhost/berth.v1.Agent/StartContainer &&
+        grep -q '^grpc-status: 0' "$1.headers"
 }
 
 on_exit() {
@@ -293,6 +312,8 @@ on_exit() {
     stop_pid "$registry_pid" 10 2>/dev/null || true
     if [[ $status -ne 0 ]]; then
         printf '\nbench: FAILED (exit %s). Results so far: %s; run dir: %s\n' "$status" "$RESULTS" "$RUN_DIR" >&2
+    else
+        rm -rf "$RUN_DIR" # the registry's copy of the images; the layouts stay cached
     fi
 }
 trap on_exit EXIT
@@ -390,6 +411,17 @@ for spec in "${images[@]}"; do
         die "the registry serves another manifest for bench/$name than the layout holds"
     say "pushed bench/$name ($(awk -v b="${IMAGE_BYTES[$name]}" 'BEGIN { printf "%.1f", b / 1048576 }') MiB) in $(since "$started") s"
 done
+TAGS=10
+if has concurrent; then
+    # The medium image again under tags t1..t10 (same manifest, same blobs): orders for different
+    # names of one image.
+    for ((i = 1; i <= TAGS; i++)); do
+        skopeo --insecure-policy copy --quiet --dest-tls-verify=false \
+            --dest-creds "$REGISTRY_USER:$REGISTRY_PASSWORD" \
+            "oci:${IMAGE_DIR[medium]}:latest" "docker://$REGISTRY/bench/medium:t$i"
+    done
+    say "pushed bench/medium again as t1..t$TAGS"
+fi
 image_ref() { printf '%s/bench/%s:latest' "$REGISTRY" "$1"; }
 
 # GET .../blobs/<digest> answered 200/206 since log line FROM: "<total> <max per blob> <blobs>"
@@ -409,6 +441,29 @@ print(sum(counts.values()), max(counts.values(), default=0), len(counts))
 ' "$2"
 }
 log_lines() { wc -l <"$REGISTRY_LOG"; }
+
+# berthd log (plain format): "<seconds from the first 'start order received' to the last
+# 'container started'> <... to the first 'container started'>"
+order_span() {
+    python3 - "$1" <<'PY'
+import datetime, sys
+received, started = [], []
+for line in open(sys.argv[1], errors="replace"):
+    stamp = line.split(" ", 1)[0]
+    try:
+        at = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        continue
+    if "start order received" in line:
+        received.append(at)
+    elif "container started" in line:
+        started.append(at)
+if received and started:
+    print(f"{max(started) - min(received):.6f} {min(started) - min(received):.6f}")
+else:
+    print("nan nan")
+PY
+}
 
 snapshot_count() { ctr_ snapshots ls 2>/dev/null | grep -c Committed || true; }
 
@@ -504,18 +559,38 @@ warm_berth_order() { # REP NAME POLICY METRIC-PREFIX
     say "warm #$rep berth $prefix: ${wall} s (berthd order->RUNNING ${server} s)"
 }
 
+warm_berth_grpc() { # REP NAME METRIC-PREFIX
+    local rep="$1" name="$2" prefix="$3" message="$ctrd_dir/$2.msg" m0 started wall server
+    start_order_message "$message" "bench-warm-$rep-$name" "$name" "$(image_ref small)"
+    m0="$(start_seconds_sum)"
+    started="$(now)"
+    start_order "$message" || die "StartContainer $name failed: $(cat "$message.headers" 2>/dev/null)"
+    wall="$(since "$started")"
+    server="$(diff_of "$m0" "$(start_seconds_sum)")"
+    protoc -I "$REPO_ROOT/proto" --decode=berth.v1.Container berth/v1/agent.proto \
+        < <(tail -c +6 "$message.reply") | grep -q '^state: RUNNING' || die "container $name is not RUNNING"
+    record warm small berth "$rep" "${prefix}_cli" "$wall"
+    record warm small berth "$rep" "${prefix}_server" "$server"
+    say "warm #$rep berth $prefix: ${wall} s (berthd order->RUNNING ${server} s)"
+}
+
 warm_berth() { # REP
     local rep="$1"
     ctrd_start "warm-berth-$rep"
     berthd_start "warm-$rep"
     berth_ pull "$(image_ref small)" --pull-secret "$secret_id" >/dev/null || die "berth pull failed"
     record warm small berth "$rep" load "$(loadavg)"
+    local cpu0
+    cpu0="$(cpu_ns "$berthd_pid")"
     # pull_policy Never: the CLI sends StartContainer alone; with the image present berthd takes
     # the same branch as IF_NOT_PRESENT. The first order re-checks access with the registry.
     warm_berth_order "$rep" w1 Never first
     warm_berth_order "$rep" w2 Never cached
+    # The scheduler's path: StartContainer IF_NOT_PRESENT straight to the API (curl).
+    warm_berth_grpc "$rep" w3 grpc
     # IfNotPresent through the CLI: it calls PullImage (which asks the registry) first.
-    warm_berth_order "$rep" w3 IfNotPresent cli_ifnotpresent
+    warm_berth_order "$rep" w4 IfNotPresent cli_ifnotpresent
+    record warm small berth "$rep" berthd_cpu_per_order "$(awk -v a="$cpu0" -v b="$(cpu_ns "$berthd_pid")" 'BEGIN { printf "%.6f", (b - a) / 4e9 }')"
     berthd_stop
     ctrd_stop
 }
@@ -526,7 +601,7 @@ warm_ctr() { # REP
     ctr_ images pull --plain-http --user "$REGISTRY_USER:$REGISTRY_PASSWORD" "$(image_ref small)" >/dev/null ||
         die "ctr images pull failed"
     record warm small ctr "$rep" load "$(loadavg)"
-    for id in c1 c2; do
+    for id in c1 c2 c3; do
         touch "$ctrd_dir/$id.log"
         started="$(now)"
         ctr_ run -d --log-uri "file://$ctrd_dir/$id.log" "$(image_ref small)" "$id" /bin/sleep 30 >/dev/null ||
@@ -541,29 +616,41 @@ warm_ctr() { # REP
 }
 
 concurrent_one() { # REP KIND(single|orders|pulls)
-    local rep="$1" kind="$2" n=1 i from started total first ok gets
-    [[ $kind == single ]] || n=$CONCURRENT_ORDERS
+    local rep="$1" kind="$2" n=1 i from started total first ok gets server_total="" server_first=""
+    case "$kind" in
+        single) n=1 ;;
+        tags) n=$TAGS ;;
+        *) n=$CONCURRENT_ORDERS ;;
+    esac
     ctrd_start "concurrent-$kind-$rep"
     berthd_start "concurrent-$kind-$rep"
     record concurrent medium "$kind" "$rep" load "$(loadavg)"
     from="$(log_lines)"
     local out="$ctrd_dir/orders"
     mkdir -p "$out"
+    local order_pids=() image
+    image="$(image_ref medium)"
+    for ((i = 1; i <= n; i++)); do
+        if [[ $kind == tags ]]; then
+            start_order_message "$out/$i.msg" "bench-$kind-$rep-$i" "c$i" "$REGISTRY/bench/medium:t$i"
+        else
+            start_order_message "$out/$i.msg" "bench-$kind-$rep-$i" "c$i" "$image"
+        fi
+    done
     started="$(now)"
     for ((i = 1; i <= n; i++)); do
         (
             if [[ $kind == pulls ]]; then
-                berth_ pull "$(image_ref medium)" --pull-secret "$secret_id" >"$out/$i.out" 2>&1 && status=0 || status=$?
+                "$BERTH_BIN" --address "$berthd_sock" pull "$image" --pull-secret "$secret_id" >"$out/$i.out" 2>&1 && status=0 || status=$?
             else
-                body="$(jq -nc --arg order "bench-$kind-$rep-$i" --arg name "c$i" --arg image "$(image_ref medium)" \
-                    --arg secret "$secret_id" '{order_id: $order, name: $name, container: {image: $image,
-                    pull_secret: $secret, command: ["/bin/sleep", "30"], pull_policy: "IF_NOT_PRESENT"}}')"
-                grpc_ StartContainer "$body" >"$out/$i.out" 2>&1 && status=0 || status=$?
+                start_order "$out/$i.msg" >"$out/$i.out" 2>&1 && status=0 || status=$?
+                cat "$out/$i.msg.headers" >>"$out/$i.out" 2>/dev/null || true
             fi
             printf '%s %s\n' "$EPOCHREALTIME" "$status" >"$out/$i.done"
         ) &
+        order_pids+=($!)
     done
-    wait
+    wait "${order_pids[@]}"
     total="$(since "$started")"
     first="$(cat "$out"/*.done | awk -v a="$started" 'NR == 1 || $1 < min { min = $1 } END { printf "%.6f", min - a }')"
     ok="$(cat "$out"/*.done | awk '$2 == 0' | wc -l)"
@@ -576,6 +663,11 @@ concurrent_one() { # REP KIND(single|orders|pulls)
     record concurrent medium "$kind" "$rep" max_gets_per_blob "$max_per_blob"
     record concurrent medium "$kind" "$rep" blobs "$distinct"
     if [[ $kind != pulls ]]; then
+        # berthd's own view, from its log: first order received -> first/last container started
+        # (the client side also counts starting 20 curl processes on this machine).
+        read -r server_total server_first <<<"$(order_span "$ctrd_dir/berthd/berthd.log")"
+        record concurrent medium "$kind" "$rep" server_seconds "$server_total"
+        record concurrent medium "$kind" "$rep" server_first_done "$server_first"
         record concurrent medium "$kind" "$rep" running "$(berth_ ps --output json | jq '[.. | objects | select(.state? == "RUNNING")] | length')"
     fi
     if ((ok < n)); then
@@ -584,8 +676,34 @@ concurrent_one() { # REP KIND(single|orders|pulls)
             if ! grep -q ' 0$' "$out/$i.done"; then sed 's/^/        /' "$out/$i.out" | head -5; break; fi
         done
     fi
-    say "concurrent $kind #$rep: $n in ${total} s (first done ${first} s), $ok ok, blob GETs $gets for $distinct blobs (max $max_per_blob per blob)"
+    say "concurrent $kind #$rep: $n in ${total} s (first done ${first} s${server_total:+; berthd: ${server_total} s, first ${server_first} s}), $ok ok, blob GETs $gets for $distinct blobs (max $max_per_blob per blob)"
     berthd_stop
+    ctrd_stop
+}
+
+# The container-start part of the 20 orders, without berth: 20 `ctr run -d` at once with the
+# image present (after one `ctr images pull`, also timed).
+concurrent_ctr() { # REP
+    local rep="$1" i started pull_wall total ok=0 run_pids=() status
+    ctrd_start "concurrent-ctr-$rep"
+    record concurrent medium ctr "$rep" load "$(loadavg)"
+    started="$(now)"
+    ctr_ images pull --plain-http --user "$REGISTRY_USER:$REGISTRY_PASSWORD" "$(image_ref medium)" >/dev/null ||
+        die "ctr images pull failed"
+    pull_wall="$(since "$started")"
+    started="$(now)"
+    for ((i = 1; i <= CONCURRENT_ORDERS; i++)); do
+        ctr_ run -d --log-uri "file://$ctrd_dir/c$i.log" "$(image_ref medium)" "c$i" /bin/sleep 30 >/dev/null 2>&1 &
+        run_pids+=($!)
+    done
+    for i in "${run_pids[@]}"; do
+        if wait "$i"; then ok=$((ok + 1)); fi
+    done
+    total="$(since "$started")"
+    record concurrent medium ctr "$rep" pull_seconds "$pull_wall"
+    record concurrent medium ctr "$rep" runs_seconds "$total"
+    record concurrent medium ctr "$rep" runs_ok "$ok"
+    say "concurrent ctr #$rep: ctr images pull ${pull_wall} s; then $CONCURRENT_ORDERS ctr run -d at once ${total} s ($ok ok)"
     ctrd_stop
 }
 
@@ -635,7 +753,12 @@ if has concurrent; then
     for ((rep = 1; rep <= concurrent_reps; rep++)); do
         if ((rep % 2)); then concurrent_one "$rep" single; concurrent_one "$rep" orders
         else concurrent_one "$rep" orders; concurrent_one "$rep" single; fi
-        concurrent_one "$rep" pulls
+        concurrent_ctr "$rep"
+        if ((rep == 1)); then
+            # Different names, same blobs: berthd's per-image lock does not cover these.
+            concurrent_one "$rep" tags
+            concurrent_one "$rep" pulls
+        fi
     done
 fi
 

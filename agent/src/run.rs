@@ -10,11 +10,12 @@ use std::time::{Duration, SystemTime};
 use oci_client::secrets::RegistryAuth;
 use sha2::{Digest as _, Sha256};
 use std::future::Future;
-use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
+use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use crate::auth::{AuthError, Authenticator};
 use crate::containerd::{ContainerRecord, Containerd, ContainerdError, NewContainer};
+use crate::locks::KeyedLocks;
 use crate::metrics::{SharedMetrics, StateLabels};
 use crate::order::{ImageRef, Order, OrderError, PullPolicy};
 use crate::pull::{PullError, PullProgress, PulledImage, Puller};
@@ -765,26 +766,6 @@ impl AccessChecks {
     }
 }
 
-/// One async mutex per key (order id, container id, image name); unused keys are pruned.
-#[derive(Debug, Default)]
-pub(crate) struct KeyedLocks {
-    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
-}
-
-impl KeyedLocks {
-    pub(crate) async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self
-                .locks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-            locks.entry(key).or_default().clone()
-        };
-        lock.lock_owned().await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -830,18 +811,5 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(301)).await;
         assert!(!checks.recently_passed(&key), "expired after the ttl");
-    }
-
-    #[tokio::test]
-    async fn keyed_locks_serialise_one_key_only() {
-        let locks = KeyedLocks::default();
-        let a = locks.lock("a".into()).await;
-        let b = tokio::time::timeout(Duration::from_millis(50), locks.lock("b".into())).await;
-        b.expect("another key must not wait");
-        let again = tokio::time::timeout(Duration::from_millis(50), locks.lock("a".into())).await;
-        again.expect_err("the same key must wait");
-        drop(a);
-        let again = tokio::time::timeout(Duration::from_millis(50), locks.lock("a".into())).await;
-        again.unwrap();
     }
 }

@@ -173,3 +173,76 @@ async fn a_pre_pull_and_start_orders_for_one_image_share_the_download() -> anyho
     println!("[measure] pre-pull beside 3 start orders: {events} pull events, one GET per blob");
     Ok(())
 }
+
+/// Orders for several tags of one new image at once: the tags share every blob (and the
+/// manifest), so containerd would refuse a second writer of the same ingest; every order runs
+/// and each blob is fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_for_several_tags_of_one_image_share_its_blobs() -> anyhow::Result<()> {
+    use oci_client::secrets::RegistryAuth;
+    use oci_client::{Reference, RegistryOperation};
+
+    const TAGS: usize = 4;
+    let fx = FaultEnv::start(FAST_REGISTRY).await?;
+    let pushed = fx
+        .push("team/tagged", &["echo", "tagged"], LAYER_BYTES)
+        .await?;
+    // The same manifest under more tags, as a release pipeline tags one build several times.
+    let client = crate::harness::image::oci_client(&fx.env.ca, &[])?;
+    let registry = fx.env.registry.addr().to_owned();
+    let auth = RegistryAuth::Basic(
+        fx.env.pusher.username.clone(),
+        fx.env.pusher.password.clone(),
+    );
+    let source = Reference::with_tag(registry.clone(), "team/tagged".into(), "v1".into());
+    client.auth(&source, &auth, RegistryOperation::Push).await?;
+    let (body, _) = client
+        .pull_manifest_raw(
+            &source,
+            &auth,
+            &["application/vnd.oci.image.manifest.v1+json"],
+        )
+        .await?;
+    for tag in 2..=TAGS {
+        let target = Reference::with_tag(registry.clone(), "team/tagged".into(), format!("v{tag}"));
+        client
+            .push_manifest_raw(
+                &target,
+                body.to_vec(),
+                "application/vnd.oci.image.manifest.v1+json".parse()?,
+            )
+            .await?;
+    }
+    fx.proxy.inject(
+        Target::AnyBlob,
+        Fault::Throttle {
+            bytes_per_second: RATE,
+        },
+        Times::Always,
+    );
+
+    let env = &fx.env;
+    let orders = (1..=TAGS).map(|tag| {
+        let image = format!("{}/team/tagged:v{tag}", fx.proxy.addr());
+        let request = fx.order(&format!("order-tag-{tag}"), &format!("tag-{tag}"), &image);
+        async move { env.start_container(request).await }
+    });
+    for (index, result) in join_all(orders).await.into_iter().enumerate() {
+        let container = result?.map_err(|status| {
+            anyhow::anyhow!(
+                "tag order {index}: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
+                describe_requests(&fx.proxy),
+                fx.env.berthd.log_tail()
+            )
+        })?;
+        let exited = fx.env.wait_until_exited(&container.id).await?;
+        assert_eq!(exited.exit_code, 0, "{exited:?}");
+        assert_eq!(exited.image_digest, pushed.image.manifest_digest);
+    }
+    let log = describe_requests(&fx.proxy);
+    for blob in pushed.blobs() {
+        let gets = fx.proxy.blob_gets(&blob.digest).len();
+        assert_eq!(gets, 1, "blob {} fetched {gets} times:\n{log}", blob.digest);
+    }
+    Ok(())
+}

@@ -218,7 +218,7 @@ impl Containerd {
         let key = format!("extract-{nonce:08x} {chain_id}");
         let mut labels = HashMap::new();
         labels.insert("containerd.io/snapshot.ref".to_owned(), chain_id.to_owned());
-        let mounts = self
+        let prepared = self
             .snapshots()
             .prepare(self.request(
                 PrepareSnapshotRequest {
@@ -229,10 +229,19 @@ impl Containerd {
                 },
                 Some(lease),
             ))
-            .await
-            .map_err(ContainerdError::rpc("snapshots.prepare"))?
-            .into_inner()
-            .mounts;
+            .await;
+        let mounts = match prepared {
+            Ok(reply) => reply.into_inner().mounts,
+            // Another pull committed this chain id meanwhile ("target snapshot exists"): the
+            // layer is unpacked, as containerd's own unpacker concludes.
+            Err(status)
+                if status.code() == tonic::Code::AlreadyExists
+                    && self.snapshot_exists(chain_id).await? =>
+            {
+                return Ok(());
+            }
+            Err(status) => return Err(ContainerdError::rpc("snapshots.prepare")(status)),
+        };
         let applied = self
             .diff()
             .apply(self.request(

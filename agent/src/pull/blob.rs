@@ -44,6 +44,9 @@ impl Puller {
         };
         let labels = HashMap::from([source_label.clone()]);
         let reference = format!("berth-blob-{}", desc.digest);
+        // containerd allows one writer per ingest ref: a second pull needing this blob (another
+        // tag of the same image) waits here, then finds it present.
+        let _blob_guard = self.blob_locks.lock(desc.digest.clone()).await;
         // The first pass may resume a partial ingest; if what it resumed turns out not to hash
         // to the digest (bytes from an interrupted attempt were bad), the second pass fetches
         // the whole blob again, verified from byte 0.
@@ -206,10 +209,16 @@ impl Puller {
                             source,
                         }));
                     }
-                    buffer.extend_from_slice(&chunk);
-                    if buffer.len() >= CHUNK {
-                        let full = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK));
-                        writer.write(full).await.map_err(containerd_err)?;
+                    // Fill the buffer to exactly CHUNK, so it never grows past its capacity.
+                    let mut rest: &[u8] = &chunk;
+                    while !rest.is_empty() {
+                        let take = (CHUNK - buffer.len()).min(rest.len());
+                        buffer.extend_from_slice(&rest[..take]);
+                        rest = &rest[take..];
+                        if buffer.len() == CHUNK {
+                            let full = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK));
+                            writer.write(full).await.map_err(containerd_err)?;
+                        }
                     }
                     if verifier.seen() - *last_report >= PROGRESS_STEP {
                         *last_report = verifier.seen();

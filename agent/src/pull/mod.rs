@@ -19,6 +19,7 @@ use tracing::{info, instrument};
 
 use crate::auth::{AuthError, Authenticator};
 use crate::containerd::{Containerd, ContainerdError, Lease, UnpackLayer};
+use crate::locks::KeyedLocks;
 use crate::metrics::{PullLabels, SharedMetrics};
 use crate::order::ImageRef;
 use manifest::{Descriptor, Manifest, Parsed};
@@ -201,6 +202,8 @@ pub(crate) struct Puller {
     containerd: Containerd,
     http: reqwest::Client,
     authenticator: Arc<Authenticator>,
+    /// One fetch per blob digest at a time: pulls of different tags of one image share blobs.
+    blob_locks: Arc<KeyedLocks>,
     settings: Arc<RegistrySettings>,
     deadline: Duration,
     metrics: SharedMetrics,
@@ -217,6 +220,7 @@ impl Puller {
         Ok(Self {
             containerd,
             authenticator,
+            blob_locks: Arc::default(),
             http: settings.http_client()?,
             settings: Arc::new(settings),
             deadline,
@@ -482,6 +486,10 @@ impl Puller {
                 layer.digest.clone(),
             );
         }
+        let manifest_guard = self
+            .blob_locks
+            .lock(stored.manifest_digest.to_owned())
+            .await;
         self.containerd
             .write_small_blob(
                 lease,
@@ -492,6 +500,7 @@ impl Puller {
             )
             .await
             .map_err(containerd_err)?;
+        drop(manifest_guard);
         let (top_media_type, top_digest, top_bytes) = stored.top;
         if let Some(entries) = stored.index {
             let mut labels = HashMap::from([source_label.clone()]);
@@ -503,6 +512,7 @@ impl Puller {
                     );
                 }
             }
+            let _index_guard = self.blob_locks.lock(top_digest.to_owned()).await;
             self.containerd
                 .write_small_blob(
                     lease,
