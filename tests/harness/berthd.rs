@@ -214,33 +214,7 @@ impl Berthd {
 
     /// `berth --socket <sock> ARGS...`, with `stdin` fed to it when given.
     pub async fn cli(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
-        let berth = binary("berth")?;
-        let mut command = tokio::process::Command::new(&berth);
-        command
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("spawning berth {args:?}"))?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes())
-                .await
-                .context("writing the CLI's stdin")?;
-            drop(pipe);
-        }
-        tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output())
-            .await
-            .with_context(|| format!("berth {args:?} timed out"))?
-            .with_context(|| format!("running berth {args:?}"))
+        run_cli(&self.socket, args, stdin).await
     }
 
     /// [`Self::cli`] that must succeed; returns stdout.
@@ -326,4 +300,36 @@ fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
         },
         ca_file = ca_files.join(", "),
     ))
+}
+
+/// `berth --socket <socket> ARGS...` with `stdin` fed to it when given; stdout and stderr piped
+/// (so the CLI sees no terminal).
+pub async fn run_cli(socket: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
+    let berth = binary("berth")?;
+    let mut command = tokio::process::Command::new(&berth);
+    command
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("spawning berth {args:?}"))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .await
+            .context("writing the CLI's stdin")?;
+        drop(pipe);
+    }
+    tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output())
+        .await
+        .with_context(|| format!("berth {args:?} timed out"))?
+        .with_context(|| format!("running berth {args:?}"))
 }

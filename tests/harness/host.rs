@@ -22,7 +22,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
 use tempfile::TempDir;
-use tokio::io::AsyncWriteExt as _;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -38,8 +37,6 @@ use super::token_server::{Grants, TokenServer};
 use super::wait::{wait_for, ORDER_TIMEOUT, STARTUP_TIMEOUT};
 use super::{random_lowercase, temp_dir};
 
-/// Upper bound on one CLI run.
-const CLI_TIMEOUT: Duration = Duration::from_secs(120);
 /// Between SIGTERM and SIGKILL on `Drop`.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -304,36 +301,9 @@ impl HostBerthd {
         Ok(SecretsClient::new(self.channel().await?))
     }
 
-    /// `berth --socket <sock> ARGS...`, `stdin` fed to it when given; stdout and stderr piped
-    /// (so the CLI sees no terminal).
+    /// `berth --socket <sock> ARGS...`, `stdin` fed to it when given.
     pub async fn cli(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
-        let berth = binary("berth")?;
-        let mut command = tokio::process::Command::new(&berth);
-        command
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("spawning berth {args:?}"))?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes())
-                .await
-                .context("writing the CLI's stdin")?;
-            drop(pipe);
-        }
-        tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output())
-            .await
-            .with_context(|| format!("berth {args:?} timed out"))?
-            .with_context(|| format!("running berth {args:?}"))
+        crate::harness::berthd::run_cli(&self.socket, args, stdin).await
     }
 
     /// [`Self::cli`] that must succeed; returns stdout.
