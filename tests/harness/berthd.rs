@@ -13,6 +13,8 @@ use berth::api::pb::secrets_client::SecretsClient;
 use tempfile::TempDir;
 use tokio::io::AsyncWriteExt as _;
 use tonic::transport::Channel;
+
+use super::credentials::RegistryUser;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::ca::TestCa;
@@ -332,4 +334,29 @@ pub async fn run_cli(socket: &Path, args: &[&str], stdin: Option<&str>) -> anyho
         .await
         .with_context(|| format!("berth {args:?} timed out"))?
         .with_context(|| format!("running berth {args:?}"))
+}
+
+/// `Secrets/CreateSecret` (project "default") for a Docker credential; returns the id.
+pub async fn create_docker_secret(
+    mut secrets: SecretsClient<Channel>,
+    name: &str,
+    server: &str,
+    user: &RegistryUser,
+) -> anyhow::Result<String> {
+    use berth::api::pb::create_secret_request::Credential;
+    use berth::api::pb::{CreateSecretRequest, DockerCredential};
+    let secret = secrets
+        .create_secret(CreateSecretRequest {
+            project: String::new(),
+            name: name.to_owned(),
+            credential: Some(Credential::Docker(DockerCredential {
+                server: server.to_owned(),
+                username: user.username.clone(),
+                password: user.password.clone(),
+            })),
+        })
+        .await
+        .with_context(|| format!("creating secret {name} for {server}"))?
+        .into_inner();
+    Ok(secret.id)
 }

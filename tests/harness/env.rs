@@ -9,10 +9,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use berth::api::pb::create_secret_request::Credential;
 use berth::api::pb::{
-    Container, ContainerSpec, ContainerState, CreateSecretRequest, DockerCredential,
-    GetContainerRequest, StartContainerRequest,
+    Container, ContainerSpec, ContainerState, GetContainerRequest, StartContainerRequest,
 };
 use tempfile::TempDir;
 
@@ -234,23 +232,13 @@ impl Env {
         server: &str,
         user: &RegistryUser,
     ) -> anyhow::Result<String> {
-        let secret = self
-            .berthd
-            .secrets()
-            .await?
-            .create_secret(CreateSecretRequest {
-                project: String::new(),
-                name: name.to_owned(),
-                credential: Some(Credential::Docker(DockerCredential {
-                    server: server.to_owned(),
-                    username: user.username.clone(),
-                    password: user.password.clone(),
-                })),
-            })
-            .await
-            .with_context(|| format!("creating secret {name} for {server}"))?
-            .into_inner();
-        Ok(secret.id)
+        crate::harness::berthd::create_docker_secret(
+            self.berthd.secrets().await?,
+            name,
+            server,
+            user,
+        )
+        .await
     }
 
     /// `Agent/StartContainer`; the tonic status is returned as is, for tests of error codes.

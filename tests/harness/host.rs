@@ -12,11 +12,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use berth::api::pb::agent_client::AgentClient;
-use berth::api::pb::create_secret_request::Credential;
 use berth::api::pb::secrets_client::SecretsClient;
 use berth::api::pb::{
-    Container, ContainerState, CreateSecretRequest, DockerCredential, GetContainerRequest,
-    PullPolicy, StartContainerRequest,
+    Container, ContainerState, GetContainerRequest, PullPolicy, StartContainerRequest,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
@@ -330,22 +328,8 @@ impl HostBerthd {
         server: &str,
         user: &RegistryUser,
     ) -> anyhow::Result<String> {
-        let secret = self
-            .secrets()
-            .await?
-            .create_secret(CreateSecretRequest {
-                project: String::new(),
-                name: name.to_owned(),
-                credential: Some(Credential::Docker(DockerCredential {
-                    server: server.to_owned(),
-                    username: user.username.clone(),
-                    password: user.password.clone(),
-                })),
-            })
+        crate::harness::berthd::create_docker_secret(self.secrets().await?, name, server, user)
             .await
-            .with_context(|| format!("creating secret {name} for {server}"))?
-            .into_inner();
-        Ok(secret.id)
     }
 
     /// `Agent/StartContainer`; the status is returned as is.
