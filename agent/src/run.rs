@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime};
 use oci_client::secrets::RegistryAuth;
 use sha2::{Digest as _, Sha256};
 use std::future::Future;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedRwLockReadGuard};
 use tracing::{info, instrument, warn};
 
 use crate::auth::{AuthError, Authenticator};
 use crate::containerd::{ContainerRecord, Containerd, ContainerdError, NewContainer};
-use crate::locks::KeyedLocks;
+use crate::locks::{KeyedLocks, KeyedRwLocks};
 use crate::metrics::{SharedMetrics, StateLabels};
 use crate::order::{ImageRef, Order, OrderError, PullPolicy};
 use crate::pull::{PullError, PullProgress, PulledImage, Puller};
@@ -167,6 +167,9 @@ pub(crate) struct Runner {
     auth: Arc<Authenticator>,
     logs_dir: PathBuf,
     locks: Arc<KeyedLocks>,
+    /// Per image: start orders using it share a read lock until their container record
+    /// references it; pulls and prune take the write lock.
+    image_locks: Arc<KeyedRwLocks>,
     metrics: SharedMetrics,
     access_checks: Arc<AccessChecks>,
 }
@@ -187,6 +190,7 @@ impl Runner {
             auth,
             logs_dir,
             locks: Arc::default(),
+            image_locks: Arc::default(),
             metrics,
             access_checks: Arc::default(),
         }
@@ -232,10 +236,10 @@ impl Runner {
         let secret = self
             .load_secret(&order.project, order.pull_secret.as_deref())
             .await?;
-        // Held until the container record references the image, so neither a concurrent pull
-        // nor a prune can pull the image out from under this order.
-        let image_guard = self.locks.lock(image_lock(&order.image)).await;
-        let image = self.ensure_image(&order, secret.as_ref()).await?;
+        // A read lock on the image, held until the container record references it, so neither
+        // a pull nor a prune can take the image out from under this order; orders for a present
+        // image go on side by side.
+        let (image, image_guard) = self.ensure_image(&order, secret.as_ref()).await?;
 
         let spec = spec::build(&SpecInput {
             container_id: &id,
@@ -352,7 +356,8 @@ impl Runner {
         let secret_id = secret.as_ref().map(|s| s.meta.id.to_string());
         // One pull per image at a time: a start order for the same image waits and then finds
         // it present, instead of downloading the same blobs beside this pull.
-        let _image_guard = self.locks.lock(image_lock(image)).await;
+        let _pull_guard = self.locks.lock(pull_lock(image)).await;
+        let _image_guard = self.image_locks.write(image_lock(image)).await;
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
         self.puller
             .pull_mirrors_first(image, secret.as_ref(), Some(progress.clone()), || {
@@ -364,60 +369,127 @@ impl Runner {
             .await
     }
 
-    /// Present and allowed, or pulled now, per the order's pull policy. The caller holds the
-    /// image's lock.
+    /// Present and allowed, or pulled now, per the order's pull policy; returned with a read
+    /// lock on the image that the caller holds until its container record references it.
     async fn ensure_image(
         &self,
         order: &Order,
         secret: Option<&StoredSecret>,
-    ) -> Result<PulledImage, RunError> {
+    ) -> Result<(PulledImage, OwnedRwLockReadGuard<()>), RunError> {
         let image_ref = &order.image;
-        let secret_id = secret.map(|s| s.meta.id.to_string());
         if order.pull_policy != PullPolicy::Always {
-            if let Some(image) = self.puller.load(image_ref).await? {
-                if image.private {
-                    // A cached private image starts only for an order whose credential the
-                    // registry accepts for that repository now.
-                    if secret.is_none() {
-                        return Err(PullError::Denied {
-                            registry: image_ref.registry().to_owned(),
-                            repository: image_ref.repository().to_owned(),
-                            secret: None,
-                        }
-                        .into());
-                    }
-                    let key = AccessKey {
-                        project: order.project.clone(),
-                        secret: secret_id.clone().unwrap_or_default(),
-                        repository: format!("{}/{}", image_ref.registry(), image_ref.repository()),
-                        digest: image.manifest_digest.clone(),
-                    };
-                    if !self.access_checks.recently_passed(&key) {
-                        self.with_grant(secret, image_ref, |auth| {
-                            self.puller
-                                .check_access(image_ref, auth, secret_id.as_deref())
-                        })
-                        .await?;
-                        self.access_checks.passed(key);
-                    }
-                }
-                return Ok(image);
+            let guard = self.image_locks.read(image_lock(image_ref)).await;
+            if let Some(image) = self.cached_image(order, secret).await? {
+                return Ok((image, guard));
             }
+            drop(guard);
             if order.pull_policy == PullPolicy::Never {
                 return Err(RunError::ImageAbsent {
                     image: image_ref.to_string(),
                 });
             }
         }
+        // One pull per image at a time. Orders that queued here behind a pull find the image
+        // present and go on together under read locks.
+        if order.pull_policy != PullPolicy::Always {
+            let pull_guard = self.locks.lock(pull_lock(image_ref)).await;
+            let guard = self.image_locks.read(image_lock(image_ref)).await;
+            drop(pull_guard);
+            if let Some(image) = self.cached_image(order, secret).await? {
+                return Ok((image, guard));
+            }
+        }
+        self.pull_for_order(order, secret).await
+    }
+
+    /// Pulls the order's image under the image's write lock (unless, with `IF_NOT_PRESENT`,
+    /// another pull brought it meanwhile) and returns it with that lock downgraded to a read
+    /// lock.
+    async fn pull_for_order(
+        &self,
+        order: &Order,
+        secret: Option<&StoredSecret>,
+    ) -> Result<(PulledImage, OwnedRwLockReadGuard<()>), RunError> {
+        let image_ref = &order.image;
+        let _pull_guard = self.locks.lock(pull_lock(image_ref)).await;
+        let guard = self.image_locks.write(image_lock(image_ref)).await;
+        if order.pull_policy != PullPolicy::Always {
+            if let Some(image) = self.cached_image(order, secret).await? {
+                return Ok((image, guard.downgrade()));
+            }
+        }
+        let secret_id = secret.map(|s| s.meta.id.to_string());
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
-        self.puller
-            .pull_mirrors_first(image_ref, secret, None, || {
-                self.with_grant(secret, image_ref, |auth| {
-                    self.puller
-                        .pull(image_ref, auth, secret_id.as_deref(), None)
-                })
+        let image = self
+            .puller
+            .pull_mirrors_first(image_ref, secret, None, || async {
+                let image = self
+                    .with_grant(secret, image_ref, |auth| {
+                        self.puller
+                            .pull(image_ref, auth, secret_id.as_deref(), None)
+                    })
+                    .await?;
+                // The registry itself just served this image for this credential: orders
+                // that queued behind this pull need not ask it again.
+                if let Some(key) = self.access_key(order, secret, &image) {
+                    self.access_checks.passed(key);
+                }
+                Ok::<_, RunError>(image)
             })
-            .await
+            .await?;
+        Ok((image, guard.downgrade()))
+    }
+
+    /// The order's image if containerd has it whole and, for a private image, the registry
+    /// accepts the order's credential for it now (or did within the access check TTL).
+    async fn cached_image(
+        &self,
+        order: &Order,
+        secret: Option<&StoredSecret>,
+    ) -> Result<Option<PulledImage>, RunError> {
+        let image_ref = &order.image;
+        let Some(image) = self.puller.load(image_ref).await? else {
+            return Ok(None);
+        };
+        if !image.private {
+            return Ok(Some(image));
+        }
+        // A cached private image starts only for an order whose credential the registry
+        // accepts for that repository now.
+        let Some(key) = self.access_key(order, secret, &image) else {
+            return Err(PullError::Denied {
+                registry: image_ref.registry().to_owned(),
+                repository: image_ref.repository().to_owned(),
+                secret: None,
+            }
+            .into());
+        };
+        if !self.access_checks.recently_passed(&key) {
+            let secret_id = key.secret.clone();
+            self.with_grant(secret, image_ref, |auth| {
+                self.puller.check_access(image_ref, auth, Some(&secret_id))
+            })
+            .await?;
+            self.access_checks.passed(key);
+        }
+        Ok(Some(image))
+    }
+
+    /// What a positive access check of `image` for the order's credential is cached under;
+    /// None without a credential.
+    fn access_key(
+        &self,
+        order: &Order,
+        secret: Option<&StoredSecret>,
+        image: &PulledImage,
+    ) -> Option<AccessKey> {
+        let secret = secret?;
+        Some(AccessKey {
+            project: order.project.clone(),
+            secret: secret.meta.id.to_string(),
+            repository: format!("{}/{}", order.image.registry(), order.image.repository()),
+            digest: image.manifest_digest.clone(),
+        })
     }
 
     /// Runs `op` with registry authentication for `secret`; a cached token the registry
@@ -664,9 +736,14 @@ impl Runner {
     }
 }
 
-/// The per-image lock key, shared by pulls, start orders and prune.
+/// The per-image reader-writer lock key, shared by start orders, pulls and prune.
 pub(crate) fn image_lock(image: &ImageRef) -> String {
     format!("image/{}", image.name())
+}
+
+/// The per-image mutex key that makes pulls of one image single flight.
+fn pull_lock(image: &ImageRef) -> String {
+    format!("pull/{}", image.name())
 }
 
 /// `<project>.<name>`, or `<name>-<hash>` when that would pass containerd's 76 characters.

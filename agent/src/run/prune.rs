@@ -63,7 +63,7 @@ impl Runner {
         let mut removed = Vec::with_capacity(planned.len());
         for name in planned {
             // Orders for this image wait while it goes; one may have used it since the listing.
-            let _image_guard = self.locks.lock(format!("image/{name}")).await;
+            let _image_guard = self.image_locks.write(format!("image/{name}")).await;
             if self.images_in_use().await?.contains(&name) {
                 info!(image = %name, "image came into use; keeping it");
                 continue;
