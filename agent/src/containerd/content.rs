@@ -1,6 +1,6 @@
 //! The content store: blobs are streamed in under a lease, verified by containerd again at commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use containerd_client::services::v1::{
     AbortRequest, Info, InfoRequest, ReadContentRequest, UpdateRequest, WriteAction,
@@ -21,14 +21,21 @@ pub(crate) enum OpenedBlob {
     Writer(Box<BlobWriter>),
 }
 
-/// One open ingest, driven in lock-step: one reply per request.
+/// One open ingest. containerd answers every request with the ingest's offset; up to `WINDOW`
+/// writes are in flight before berth waits for the oldest answer, so containerd hashes and
+/// writes one message while the next ones are on their way.
 #[derive(Debug)]
 pub(crate) struct BlobWriter {
     containerd: Containerd,
     reference: String,
     expected: String,
     total: i64,
+    /// The offset containerd confirmed last.
     offset: i64,
+    /// The offset after every write sent so far.
+    sent: i64,
+    /// The offsets containerd must confirm, oldest first, one per write in flight.
+    in_flight: VecDeque<i64>,
     requests: mpsc::Sender<WriteContentRequest>,
     replies: Streaming<WriteContentResponse>,
 }
@@ -46,7 +53,7 @@ impl Containerd {
             op: "content.write",
             reason: "blob size out of range",
         })?;
-        let (requests, receiver) = mpsc::channel(2);
+        let (requests, receiver) = mpsc::channel(WINDOW);
         // The first message must be queued before the call is awaited: containerd sends no
         // headers until it has read it.
         let stat = WriteContentRequest {
@@ -85,6 +92,8 @@ impl Containerd {
             expected: digest.to_owned(),
             total,
             offset: reply.offset,
+            sent: reply.offset,
+            in_flight: VecDeque::with_capacity(WINDOW),
             requests,
             replies,
         })))
@@ -105,7 +114,7 @@ impl Containerd {
         {
             OpenedBlob::Present => self.update_content_labels(digest, labels).await,
             OpenedBlob::Writer(mut writer) => {
-                writer.restart();
+                writer.restart().await?;
                 for chunk in data.chunks(super::content::CHUNK) {
                     writer.write(chunk.to_vec()).await?;
                 }
@@ -214,6 +223,8 @@ impl Containerd {
 
 /// Largest WRITE message; well under containerd's 16 MiB receive limit.
 pub(crate) const CHUNK: usize = 1 << 20;
+/// WRITE messages in flight per ingest before berth waits for containerd's answer.
+const WINDOW: usize = 2;
 
 impl BlobWriter {
     /// Bytes the ingest already holds.
@@ -221,22 +232,53 @@ impl BlobWriter {
         u64::try_from(self.offset).unwrap_or(0)
     }
 
-    /// The next write starts the ingest over from byte 0.
-    pub(crate) fn restart(&mut self) {
+    /// The next write starts the ingest over from byte 0. Waits for the writes in flight.
+    pub(crate) async fn restart(&mut self) -> Result<(), ContainerdError> {
+        self.flush().await?;
         self.offset = 0;
+        self.sent = 0;
+        Ok(())
     }
 
-    /// Appends `data` at the current offset.
+    /// Appends `data` after the bytes written so far. containerd's answer may come later: an
+    /// error surfaces at a later write, `flush` or `commit`.
     pub(crate) async fn write(&mut self, data: Vec<u8>) -> Result<(), ContainerdError> {
         let len = i64::try_from(data.len()).map_err(|_| closed("content.write"))?;
+        if self.in_flight.len() >= WINDOW {
+            self.confirm_oldest().await?;
+        }
         let request = WriteContentRequest {
             action: WriteAction::Write as i32,
-            offset: self.offset,
+            offset: self.sent,
             data,
             ..Default::default()
         };
-        let reply = self.exchange(request).await?;
-        if reply.offset != self.offset + len {
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| closed("content.write"))?;
+        self.sent += len;
+        self.in_flight.push_back(self.sent);
+        Ok(())
+    }
+
+    /// Waits until containerd has confirmed every write sent.
+    pub(crate) async fn flush(&mut self) -> Result<(), ContainerdError> {
+        while !self.in_flight.is_empty() {
+            self.confirm_oldest().await?;
+        }
+        Ok(())
+    }
+
+    async fn confirm_oldest(&mut self) -> Result<(), ContainerdError> {
+        let reply = self
+            .replies
+            .message()
+            .await
+            .map_err(ContainerdError::rpc("content.write"))?
+            .ok_or_else(|| closed("content.write"))?;
+        let expected = self.in_flight.pop_front().unwrap_or(self.offset);
+        if reply.offset != expected {
             return Err(ContainerdError::Protocol {
                 op: "content.write",
                 reason: "ingest offset did not advance by the bytes written",
@@ -251,6 +293,7 @@ impl BlobWriter {
         mut self,
         labels: HashMap<String, String>,
     ) -> Result<(), ContainerdError> {
+        self.flush().await?;
         let request = WriteContentRequest {
             action: WriteAction::Commit as i32,
             total: self.total,

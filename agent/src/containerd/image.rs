@@ -163,30 +163,32 @@ impl Containerd {
         }
     }
 
-    /// Applies the layers in order into the snapshotter and returns the top chain id. Layers whose
-    /// snapshot exists already are skipped; every applied layer's diff id is checked.
-    pub(crate) async fn unpack(
+    /// Applies one layer on top of `parent` (empty for the first) as snapshot `chain_id`, unless
+    /// that snapshot exists already; the applied layer's diff id is checked.
+    pub(crate) async fn unpack_layer(
         &self,
         lease: &Lease,
-        config_digest: &str,
-        layers: &[UnpackLayer],
-    ) -> Result<String, ContainerdError> {
-        let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
-        let chain = chain_ids(&diff_ids);
-        let mut parent = String::new();
-        for (layer, chain_id) in layers.iter().zip(&chain) {
-            if !self.snapshot_exists(chain_id).await? {
-                self.apply_layer(lease, layer, chain_id, &parent).await?;
-            }
-            parent.clone_from(chain_id);
+        layer: &UnpackLayer,
+        chain_id: &str,
+        parent: &str,
+    ) -> Result<(), ContainerdError> {
+        if self.snapshot_exists(chain_id).await? {
+            return Ok(());
         }
-        let mut labels = HashMap::new();
-        labels.insert(
+        self.apply_layer(lease, layer, chain_id, parent).await
+    }
+
+    /// Marks the image unpacked: its config references the top snapshot for the GC.
+    pub(crate) async fn mark_unpacked(
+        &self,
+        config_digest: &str,
+        top_chain_id: &str,
+    ) -> Result<(), ContainerdError> {
+        let labels = HashMap::from([(
             format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter()),
-            parent.clone(),
-        );
-        self.update_content_labels(config_digest, labels).await?;
-        Ok(parent)
+            top_chain_id.to_owned(),
+        )]);
+        self.update_content_labels(config_digest, labels).await
     }
 
     pub(crate) async fn snapshot_exists(&self, key: &str) -> Result<bool, ContainerdError> {

@@ -70,7 +70,7 @@ impl Puller {
             };
             let resumed = pass == 0 && writer.offset() > 0;
             if !resumed {
-                writer.restart();
+                writer.restart().await.map_err(containerd_err)?;
             }
             // Bytes already in the ingest are not fetched again; containerd re-hashes the whole
             // blob against its digest at commit.
@@ -189,7 +189,7 @@ impl Puller {
         if !from_offset && offset > 0 {
             // The registry ignored the Range: start this blob over.
             debug!("registry ignored the range request; restarting the blob");
-            writer.restart();
+            writer.restart().await.map_err(containerd_err)?;
             *verifier = Verifier::new(&desc.digest, desc.size);
         }
         let bytes_counter = self
@@ -241,6 +241,7 @@ impl Puller {
         if !buffer.is_empty() {
             writer.write(buffer).await.map_err(containerd_err)?;
         }
+        writer.flush().await.map_err(containerd_err)?;
         match result {
             Ok(()) if verifier.seen() < desc.size => Err(Failure::Retry(PullError::Unreachable {
                 registry: image.registry().to_owned(),

@@ -6,6 +6,7 @@ mod blob;
 pub(crate) mod manifest;
 pub(crate) mod mirror;
 pub(crate) mod registry;
+mod unpack;
 pub(crate) mod verify;
 
 use std::collections::HashMap;
@@ -18,13 +19,14 @@ use tokio::sync::mpsc;
 use tracing::{info, instrument};
 
 use crate::auth::{AuthError, Authenticator};
-use crate::containerd::{Containerd, ContainerdError, Lease, UnpackLayer};
+use crate::containerd::{Containerd, ContainerdError, Lease};
 use crate::locks::KeyedLocks;
 use crate::metrics::{PullLabels, SharedMetrics};
 use crate::order::ImageRef;
 use manifest::{Descriptor, Manifest, Parsed};
 pub(crate) use registry::RegistrySettings;
 use registry::Session;
+use unpack::Arrivals;
 use verify::Mismatch;
 
 /// Largest manifest, index or image config berth reads.
@@ -437,42 +439,28 @@ impl Puller {
                 reason: manifest::ManifestError("image config larger than 4 MiB"),
             });
         }
-        // Config and layers, concurrently; each verified while it streams into containerd.
+        // Config and layers, concurrently; each verified while it streams into containerd and
+        // each layer unpacked as soon as it and the layers below it are in.
         // Boxed as `dyn Send` futures: the compiler cannot prove `Send` for a closure returning
         // borrowed futures inside `buffer_unordered` on its own (rust-lang/rust#102211).
+        let (committed, arrivals) = Arrivals::new(manifest.layers.len());
         let mut fetches: Vec<BlobFetch<'_>> = Vec::with_capacity(manifest.layers.len() + 1);
-        for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
-            fetches.push(Box::pin(self.fetch_blob(
-                image,
-                session,
-                lease,
-                desc,
-                &source_label,
-                progress,
-            )));
+        for (slot, desc) in std::iter::once(&manifest.config)
+            .chain(&manifest.layers)
+            .enumerate()
+        {
+            let fetch = self.fetch_blob(image, session, lease, desc, &source_label, progress);
+            fetches.push(Box::pin(async move { fetch.await.map(|()| slot) }));
         }
-        futures::stream::iter(fetches)
+        let downloads = futures::stream::iter(fetches)
             .buffer_unordered(self.settings.max_concurrent_downloads)
-            .try_collect::<Vec<()>>()
-            .await?;
-
-        let config_bytes = self
-            .containerd
-            .read_blob(&manifest.config.digest, MAX_DOCUMENT)
-            .await
-            .map_err(containerd_err)?;
-        let config: oci_spec::image::ImageConfiguration = serde_json::from_slice(&config_bytes)
-            .map_err(|source| PullError::Config {
-                image: image.to_string(),
-                source,
-            })?;
-        let diff_ids = config.rootfs().diff_ids();
-        if diff_ids.len() != manifest.layers.len() {
-            return Err(PullError::Unsupported {
-                image: image.to_string(),
-                reason: manifest::ManifestError("the config's diff ids do not match the layers"),
+            .try_for_each(|slot| {
+                // The unpacker may have stopped already (it failed); try_join! reports that.
+                committed.send(slot).ok();
+                futures::future::ready(Ok(()))
             });
-        }
+        let unpacking = self.unpack_as_layers_arrive(image, lease, manifest, arrivals);
+        let ((), (config, top_chain_id)) = futures::try_join!(downloads, unpacking)?;
 
         // The manifest, then the index, each pointing at its children for the GC.
         let mut labels = HashMap::from([source_label.clone()]);
@@ -524,23 +512,6 @@ impl Puller {
                 .await
                 .map_err(containerd_err)?;
         }
-
-        let layers: Vec<UnpackLayer> = manifest
-            .layers
-            .iter()
-            .zip(diff_ids)
-            .map(|(layer, diff_id)| UnpackLayer {
-                media_type: layer.media_type.clone(),
-                digest: layer.digest.clone(),
-                size: i64::try_from(layer.size).unwrap_or(i64::MAX),
-                diff_id: diff_id.clone(),
-            })
-            .collect();
-        let top_chain_id = self
-            .containerd
-            .unpack(lease, &manifest.config.digest, &layers)
-            .await
-            .map_err(containerd_err)?;
 
         // Only now, with every blob verified and unpacked, does the image become visible.
         let image_labels = HashMap::from([
@@ -597,8 +568,9 @@ impl Drop for InFlight {
     }
 }
 
+/// One blob's fetch; it yields the blob's slot (see `unpack::Arrivals`).
 type BlobFetch<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PullError>> + Send + 'a>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, PullError>> + Send + 'a>>;
 
 const DOCKER_LIST_NEEDLE: &[u8] = manifest::DOCKER_LIST.as_bytes();
 
