@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # berth benchmark: berthd against containerd's own `ctr`, side by side, on this machine.
 #
-# Usage: bench/run.sh [--quick] [--pairs N] [--only LIST] [--work-dir DIR] [--no-build]
-#                     [--fresh-images] [--gzip-level L] [--debug-logs] [--help]
+# Usage: bench/run.sh [--quick] [--pairs N] [--only LIST] [--cold-images L] [--downloads N]
+#                     [--work-dir DIR] [--no-build] [--fresh-images] [--gzip-level L]
+#                     [--debug-logs] [--help]
 #   --quick          small images and 2 pairs: a smoke run of every scenario (a few minutes)
 #   --pairs N        A/B pairs per comparison (default: 5 full, 2 quick)
 #   --only LIST      comma-separated subset of: cold,warm,concurrent,rss
+#   --cold-images L  images of the cold scenario (default medium,small,many)
+#   --downloads N    berthd's registry.max_concurrent_downloads (default: berthd's default)
 #   --work-dir DIR   images, registry and results (default /var/tmp/berth-bench)
 #   --no-build       use target/release/{berthd,berth} as they are
 #   --fresh-images   generate the random images again even when a cached layout exists
@@ -52,6 +55,8 @@ export PATH
 mode=full
 pairs=""
 only="cold,warm,concurrent,rss"
+cold_images="medium,small,many"
+max_downloads=""
 work_dir=/var/tmp/berth-bench
 build=1
 fresh_images=0
@@ -62,6 +67,8 @@ while (($#)); do
         --quick) mode=quick ;;
         --pairs) pairs="$2"; shift ;;
         --only) only="$2"; shift ;;
+        --cold-images) cold_images="$2"; shift ;;
+        --downloads) max_downloads="$2"; shift ;;
         --work-dir) work_dir="$2"; shift ;;
         --no-build) build=0 ;;
         --fresh-images) fresh_images=1 ;;
@@ -265,6 +272,7 @@ key_file = "$dir/secrets.key"
 
 [registry]
 plain_http = ["$REGISTRY"]
+${max_downloads:+max_concurrent_downloads = $max_downloads}
 EOF
     BERTH_LOG="$berth_log" setsid "$BERTHD_BIN" --config "$dir/berthd.toml" >"$dir/berthd.log" 2>&1 </dev/null &
     berthd_pid=$!
@@ -730,7 +738,8 @@ rss_one() { # IMAGE REP
 
 # ------------------------------------------------------------------------------------------
 if has cold; then
-    for image in medium small many; do
+    for image in ${cold_images//,/ }; do
+        [[ -n "${IMAGE_LAYERS[$image]:-}" ]] || die "--cold-images: no image $image"
         step "cold pull + unpack: $image ($pairs pairs, alternating)"
         for ((rep = 1; rep <= pairs; rep++)); do
             if ((rep % 2)); then cold_berth "$image" "$rep"; cold_ctr "$image" "$rep"

@@ -8,6 +8,7 @@ use tracing::{debug, instrument, warn};
 
 use super::manifest::Descriptor;
 use super::registry::Session;
+use super::stagger::HeadStart;
 use super::verify::Verifier;
 use super::{layer_progress, send, PullError, PullProgress, Puller};
 use crate::containerd::{BlobWriter, ContainerdError, Lease, OpenedBlob};
@@ -18,6 +19,39 @@ use crate::order::ImageRef;
 const CHUNK: usize = 1 << 20;
 /// Progress is reported at most every this many bytes per blob.
 const PROGRESS_STEP: u64 = 4 << 20;
+
+/// Where a blob's download reports how far it got: PullImage's progress events, and the head
+/// start that lets the next layer's download begin.
+pub(super) struct Reporter<'a> {
+    events: &'a Option<tokio::sync::mpsc::Sender<PullProgress>>,
+    head_start: HeadStart,
+    last_event: u64,
+}
+
+impl<'a> Reporter<'a> {
+    pub(super) fn new(
+        events: &'a Option<tokio::sync::mpsc::Sender<PullProgress>>,
+        head_start: HeadStart,
+    ) -> Self {
+        Self {
+            events,
+            head_start,
+            last_event: 0,
+        }
+    }
+
+    async fn finished(&self, desc: &Descriptor, cached: bool) {
+        send(self.events, layer_progress(desc, desc.size, cached)).await;
+    }
+
+    async fn seen(&mut self, desc: &Descriptor, seen: u64) {
+        self.head_start.reached(seen);
+        if seen.saturating_sub(self.last_event) >= PROGRESS_STEP {
+            self.last_event = seen;
+            send(self.events, layer_progress(desc, seen, false)).await;
+        }
+    }
+}
 
 /// How one streaming attempt ended badly.
 enum Failure {
@@ -36,7 +70,7 @@ impl Puller {
         lease: &Lease,
         desc: &Descriptor,
         source_label: &(String, String),
-        progress: &Option<tokio::sync::mpsc::Sender<PullProgress>>,
+        mut report: Reporter<'_>,
     ) -> Result<(), PullError> {
         let containerd_err = |source| PullError::Containerd {
             image: image.to_string(),
@@ -47,6 +81,7 @@ impl Puller {
         // containerd allows one writer per ingest ref: a second pull needing this blob (another
         // tag of the same image) waits here, then finds it present.
         let _blob_guard = self.blob_locks.lock(desc.digest.clone()).await;
+        debug!("fetching blob");
         // The first pass may resume a partial ingest; if what it resumed turns out not to hash
         // to the digest (bytes from an interrupted attempt were bad), the second pass fetches
         // the whole blob again, verified from byte 0.
@@ -63,7 +98,7 @@ impl Puller {
                         .update_content_labels(&desc.digest, labels)
                         .await
                         .map_err(containerd_err)?;
-                    send(progress, layer_progress(desc, desc.size, true)).await;
+                    report.finished(desc, true).await;
                     return Ok(());
                 }
                 OpenedBlob::Writer(writer) => writer,
@@ -79,7 +114,14 @@ impl Puller {
                 debug!(offset = writer.offset(), "resuming a partial ingest");
             }
             match self
-                .stream_with_retries(image, session, desc, &mut writer, &mut verifier, progress)
+                .stream_with_retries(
+                    image,
+                    session,
+                    desc,
+                    &mut writer,
+                    &mut verifier,
+                    &mut report,
+                )
                 .await
             {
                 Ok(()) => {}
@@ -99,7 +141,8 @@ impl Puller {
             }
             match writer.commit(labels.clone()).await {
                 Ok(()) => {
-                    send(progress, layer_progress(desc, desc.size, false)).await;
+                    debug!("blob committed");
+                    report.finished(desc, false).await;
                     return Ok(());
                 }
                 Err(err) if err.code() == Some(tonic::Code::FailedPrecondition) => {
@@ -137,21 +180,12 @@ impl Puller {
         desc: &Descriptor,
         writer: &mut BlobWriter,
         verifier: &mut Verifier,
-        progress: &Option<tokio::sync::mpsc::Sender<PullProgress>>,
+        report: &mut Reporter<'_>,
     ) -> Result<(), Failure> {
         let mut attempt = 1;
-        let mut last_report = 0u64;
         while verifier.seen() < desc.size {
             let outcome = self
-                .stream_once(
-                    image,
-                    session,
-                    desc,
-                    writer,
-                    verifier,
-                    progress,
-                    &mut last_report,
-                )
+                .stream_once(image, session, desc, writer, verifier, report)
                 .await;
             match outcome {
                 Ok(()) => break,
@@ -167,7 +201,6 @@ impl Puller {
     }
 
     /// One GET of the blob from the verifier's offset, streamed into the ingest.
-    #[allow(clippy::too_many_arguments)]
     async fn stream_once(
         &self,
         image: &ImageRef,
@@ -175,8 +208,7 @@ impl Puller {
         desc: &Descriptor,
         writer: &mut BlobWriter,
         verifier: &mut Verifier,
-        progress: &Option<tokio::sync::mpsc::Sender<PullProgress>>,
-        last_report: &mut u64,
+        report: &mut Reporter<'_>,
     ) -> Result<(), Failure> {
         let containerd_err = |source: ContainerdError| {
             Failure::Fatal(PullError::Containerd {
@@ -220,10 +252,7 @@ impl Puller {
                             writer.write(full).await.map_err(containerd_err)?;
                         }
                     }
-                    if verifier.seen() - *last_report >= PROGRESS_STEP {
-                        *last_report = verifier.seen();
-                        send(progress, layer_progress(desc, *last_report, false)).await;
-                    }
+                    report.seen(desc, verifier.seen()).await;
                 }
                 None => break Ok(()),
                 // oci-client checks the digest at the end of a full response too; when every

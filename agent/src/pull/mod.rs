@@ -6,6 +6,7 @@ mod blob;
 pub(crate) mod manifest;
 pub(crate) mod mirror;
 pub(crate) mod registry;
+mod stagger;
 mod unpack;
 pub(crate) mod verify;
 
@@ -23,9 +24,11 @@ use crate::containerd::{Containerd, ContainerdError, Lease};
 use crate::locks::KeyedLocks;
 use crate::metrics::{PullLabels, SharedMetrics};
 use crate::order::ImageRef;
+use blob::Reporter;
 use manifest::{Descriptor, Manifest, Parsed};
 pub(crate) use registry::RegistrySettings;
 use registry::Session;
+use stagger::Stagger;
 use unpack::Arrivals;
 use verify::Mismatch;
 
@@ -439,18 +442,30 @@ impl Puller {
                 reason: manifest::ManifestError("image config larger than 4 MiB"),
             });
         }
-        // Config and layers, concurrently; each verified while it streams into containerd and
-        // each layer unpacked as soon as it and the layers below it are in.
+        // Config and layers, concurrently but with staggered starts (see `stagger`); each
+        // verified while it streams into containerd and each layer unpacked as soon as it and
+        // the layers below it are in.
         // Boxed as `dyn Send` futures: the compiler cannot prove `Send` for a closure returning
         // borrowed futures inside `buffer_unordered` on its own (rust-lang/rust#102211).
         let (committed, arrivals) = Arrivals::new(manifest.layers.len());
+        let stagger = Stagger::new(
+            manifest.layers.len() + 1,
+            self.settings.max_concurrent_downloads,
+        );
         let mut fetches: Vec<BlobFetch<'_>> = Vec::with_capacity(manifest.layers.len() + 1);
         for (slot, desc) in std::iter::once(&manifest.config)
             .chain(&manifest.layers)
             .enumerate()
         {
-            let fetch = self.fetch_blob(image, session, lease, desc, &source_label, progress);
-            fetches.push(Box::pin(async move { fetch.await.map(|()| slot) }));
+            let stagger = &stagger;
+            let source_label = &source_label;
+            fetches.push(Box::pin(async move {
+                stagger.wait_turn(slot).await;
+                let report = Reporter::new(progress, stagger.head_start(slot, desc.size));
+                self.fetch_blob(image, session, lease, desc, source_label, report)
+                    .await
+                    .map(|()| slot)
+            }));
         }
         let downloads = futures::stream::iter(fetches)
             .buffer_unordered(self.settings.max_concurrent_downloads)

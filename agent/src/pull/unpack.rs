@@ -3,6 +3,7 @@
 //! is left when the last byte arrives.
 
 use tokio::sync::mpsc;
+use tracing::debug;
 
 use super::manifest::Manifest;
 use super::{PullError, Puller, MAX_DOCUMENT};
@@ -23,7 +24,7 @@ pub(super) type Committed = mpsc::UnboundedSender<usize>;
 pub(super) const CONFIG_SLOT: usize = 0;
 
 /// The slot of layer `index`.
-pub(super) fn layer_slot(index: usize) -> usize {
+pub(super) const fn layer_slot(index: usize) -> usize {
     index + 1
 }
 
@@ -112,10 +113,12 @@ impl Puller {
                 size: i64::try_from(layer.size).unwrap_or(i64::MAX),
                 diff_id: diff_id.clone(),
             };
+            debug!(index, digest = %layer.digest, "unpacking layer");
             self.containerd
                 .unpack_layer(lease, &layer, chain_id, &parent)
                 .await
                 .map_err(containerd_err)?;
+            debug!(index, digest = %layer.digest, "layer unpacked");
             parent.clone_from(chain_id);
         }
         self.containerd
