@@ -113,6 +113,9 @@ impl Puller {
                 size: i64::try_from(layer.size).unwrap_or(i64::MAX),
                 diff_id: diff_id.clone(),
             };
+            // One unpack per chain id at a time: pulls of other tags of this image that need
+            // the same layer wait here and then find its snapshot committed.
+            let _snapshot_guard = self.blob_locks.lock(format!("snapshot/{chain_id}")).await;
             debug!(index, digest = %layer.digest, "unpacking layer");
             self.containerd
                 .unpack_layer(lease, &layer, chain_id, &parent)
