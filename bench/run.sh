@@ -591,7 +591,8 @@ warm_berth() { # REP
     local cpu0
     cpu0="$(cpu_ns "$berthd_pid")"
     # pull_policy Never: the CLI sends StartContainer alone; with the image present berthd takes
-    # the same branch as IF_NOT_PRESENT. The first order re-checks access with the registry.
+    # the same branch as IF_NOT_PRESENT. The pull counts as the registry access check, so the
+    # first order does not ask the registry again (within access_check_ttl_seconds).
     warm_berth_order "$rep" w1 Never first
     warm_berth_order "$rep" w2 Never cached
     # The scheduler's path: StartContainer IF_NOT_PRESENT straight to the API (curl).

@@ -360,11 +360,18 @@ impl Runner {
         let _image_guard = self.image_locks.write(image_lock(image)).await;
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
         self.puller
-            .pull_mirrors_first(image, secret.as_ref(), Some(progress.clone()), || {
-                self.with_grant(secret.as_ref(), image, |auth| {
-                    self.puller
-                        .pull(image, auth, secret_id.as_deref(), Some(progress.clone()))
-                })
+            .pull_mirrors_first(image, secret.as_ref(), Some(progress.clone()), || async {
+                let pulled = self
+                    .with_grant(secret.as_ref(), image, |auth| {
+                        self.puller
+                            .pull(image, auth, secret_id.as_deref(), Some(progress.clone()))
+                    })
+                    .await?;
+                // The registry itself just served this image for this credential.
+                if let Some(key) = access_key(project, image, secret.as_ref(), &pulled) {
+                    self.access_checks.passed(key);
+                }
+                Ok::<_, RunError>(pulled)
             })
             .await
     }
@@ -431,7 +438,7 @@ impl Runner {
                     .await?;
                 // The registry itself just served this image for this credential: orders
                 // that queued behind this pull need not ask it again.
-                if let Some(key) = self.access_key(order, secret, &image) {
+                if let Some(key) = access_key(&order.project, image_ref, secret, &image) {
                     self.access_checks.passed(key);
                 }
                 Ok::<_, RunError>(image)
@@ -456,7 +463,7 @@ impl Runner {
         }
         // A cached private image starts only for an order whose credential the registry
         // accepts for that repository now.
-        let Some(key) = self.access_key(order, secret, &image) else {
+        let Some(key) = access_key(&order.project, image_ref, secret, &image) else {
             return Err(PullError::Denied {
                 registry: image_ref.registry().to_owned(),
                 repository: image_ref.repository().to_owned(),
@@ -473,23 +480,6 @@ impl Runner {
             self.access_checks.passed(key);
         }
         Ok(Some(image))
-    }
-
-    /// What a positive access check of `image` for the order's credential is cached under;
-    /// None without a credential.
-    fn access_key(
-        &self,
-        order: &Order,
-        secret: Option<&StoredSecret>,
-        image: &PulledImage,
-    ) -> Option<AccessKey> {
-        let secret = secret?;
-        Some(AccessKey {
-            project: order.project.clone(),
-            secret: secret.meta.id.to_string(),
-            repository: format!("{}/{}", order.image.registry(), order.image.repository()),
-            digest: image.manifest_digest.clone(),
-        })
     }
 
     /// Runs `op` with registry authentication for `secret`; a cached token the registry
@@ -734,6 +724,23 @@ impl Runner {
     fn log_path(&self, id: &str) -> PathBuf {
         self.logs_dir.join(format!("{id}.log"))
     }
+}
+
+/// What a positive access check of `pulled` (the image `image` names) for `project`'s
+/// credential is cached under; None without a credential.
+fn access_key(
+    project: &str,
+    image: &ImageRef,
+    secret: Option<&StoredSecret>,
+    pulled: &PulledImage,
+) -> Option<AccessKey> {
+    let secret = secret?;
+    Some(AccessKey {
+        project: project.to_owned(),
+        secret: secret.meta.id.to_string(),
+        repository: format!("{}/{}", image.registry(), image.repository()),
+        digest: pulled.manifest_digest.clone(),
+    })
 }
 
 /// The per-image reader-writer lock key, shared by start orders, pulls and prune.

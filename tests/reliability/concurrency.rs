@@ -17,7 +17,8 @@ const ORDERS: usize = 20;
 const RATE: u64 = 8 << 20;
 
 /// 20 StartContainer orders (distinct names and order ids, one secret) for one new image: all
-/// run to exit 0, and the registry served each blob exactly once.
+/// run to exit 0, the registry served each blob exactly once and the manifest once (the orders
+/// behind the pull need no access check of their own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_orders_for_one_new_image_download_it_once() -> anyhow::Result<()> {
     let fx = FaultEnv::start(FAST_REGISTRY).await?;
@@ -93,6 +94,12 @@ async fn twenty_orders_for_one_new_image_download_it_once() -> anyhow::Result<()
         .proxy
         .requests_to(&format!("/v2/{}/manifests/", crowd.image.repository))
         .len();
+    // The pull showed the registry accepts the credential: the orders that queued behind it
+    // start without asking again (within access_check_ttl_seconds).
+    assert_eq!(
+        manifest_gets, 1,
+        "the manifest is fetched by the pull alone:\n{log}"
+    );
     latencies.sort();
     println!(
         "[measure] {ORDERS} concurrent orders, one new image ({} B, blobs served at {RATE} B/s): \
