@@ -154,3 +154,24 @@ async fn a_container_is_reported_to_its_end_across_a_berthd_crash() -> anyhow::R
     );
     Ok(())
 }
+
+/// A snapshot left under the container's key by a crash between snapshot prepare and container
+/// create (here an empty one) is replaced: the order runs on the image's root filesystem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_left_by_a_crash_before_create_is_replaced() -> anyhow::Result<()> {
+    let (env, secret, image) = env_with_image(&["/bin/busybox", "test", "-x", "/bin/sh"]).await?;
+    // The key berthd gives the container of `default`/`stale`, as an empty, parentless snapshot.
+    env.containerd
+        .ctr_ok(&["snapshots", "prepare", "default.stale"])
+        .await?;
+    let id = start_ok(&env, start_request("order-stale", "stale", &image, &secret)).await?;
+    assert_eq!(id, "default.stale");
+    let exited = env.wait_until_exited(&id).await?;
+    assert_eq!(
+        exited.exit_code,
+        0,
+        "the container ran on the image, not the stale snapshot:\n{}",
+        env.berthd.log_tail()
+    );
+    Ok(())
+}

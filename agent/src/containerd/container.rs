@@ -80,20 +80,31 @@ impl Containerd {
                 source: tonic::Status::already_exists("container exists"),
             });
         }
-        // A stale snapshot under this key (a crash between prepare and create) is ours to replace.
-        self.remove_snapshot(new.id).await?;
-        self.snapshots()
-            .prepare(self.request(
-                PrepareSnapshotRequest {
-                    snapshotter: self.snapshotter().to_owned(),
-                    key: new.id.to_owned(),
-                    parent: new.top_chain_id.to_owned(),
-                    labels: HashMap::new(),
-                },
-                Some(lease),
-            ))
-            .await
-            .map_err(ContainerdError::rpc("snapshots.prepare"))?;
+        let prepare = || async {
+            self.snapshots()
+                .prepare(self.request(
+                    PrepareSnapshotRequest {
+                        snapshotter: self.snapshotter().to_owned(),
+                        key: new.id.to_owned(),
+                        parent: new.top_chain_id.to_owned(),
+                        labels: HashMap::new(),
+                    },
+                    Some(lease),
+                ))
+                .await
+        };
+        match prepare().await {
+            Ok(_) => {}
+            // A stale snapshot under this key (a crash between prepare and create; no container
+            // has it, as checked above) is ours to replace.
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                self.remove_snapshot(new.id).await?;
+                prepare()
+                    .await
+                    .map_err(ContainerdError::rpc("snapshots.prepare"))?;
+            }
+            Err(status) => return Err(ContainerdError::rpc("snapshots.prepare")(status)),
+        }
         let container = Container {
             id: new.id.to_owned(),
             labels: new.labels.clone(),

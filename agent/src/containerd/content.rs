@@ -3,8 +3,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use containerd_client::services::v1::{
-    AbortRequest, Info, InfoRequest, ReadContentRequest, UpdateRequest, WriteAction,
-    WriteContentRequest, WriteContentResponse,
+    AbortRequest, Info, ReadContentRequest, UpdateRequest, WriteAction, WriteContentRequest,
+    WriteContentResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -123,31 +123,13 @@ impl Containerd {
         }
     }
 
-    /// Reads a whole blob of at most `limit` bytes.
+    /// Reads a whole blob of at most `limit` bytes; a longer one is refused once `limit` bytes
+    /// have streamed in (one call, no separate Info round trip).
     pub(crate) async fn read_blob(
         &self,
         digest: &str,
         limit: u64,
     ) -> Result<Vec<u8>, ContainerdError> {
-        let info = self
-            .content()
-            .info(self.request(
-                InfoRequest {
-                    digest: digest.to_owned(),
-                },
-                None,
-            ))
-            .await
-            .map_err(ContainerdError::rpc("content.info"))?
-            .into_inner()
-            .info
-            .ok_or_else(|| closed("content.info"))?;
-        if u64::try_from(info.size).unwrap_or(u64::MAX) > limit {
-            return Err(ContainerdError::Protocol {
-                op: "content.read",
-                reason: "blob larger than allowed",
-            });
-        }
         let mut stream = self
             .content()
             .read(self.request(
@@ -161,19 +143,19 @@ impl Containerd {
             .await
             .map_err(ContainerdError::rpc("content.read"))?
             .into_inner();
-        let mut data = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0));
+        let mut data = Vec::new();
         while let Some(chunk) = stream
             .message()
             .await
             .map_err(ContainerdError::rpc("content.read"))?
         {
-            data.extend_from_slice(&chunk.data);
-            if data.len() as u64 > limit {
+            if (data.len() + chunk.data.len()) as u64 > limit {
                 return Err(ContainerdError::Protocol {
                     op: "content.read",
                     reason: "blob larger than allowed",
                 });
             }
+            data.extend_from_slice(&chunk.data);
         }
         Ok(data)
     }
