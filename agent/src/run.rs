@@ -395,10 +395,8 @@ impl Runner {
                     image: image_ref.to_string(),
                 });
             }
-        }
-        // One pull per image at a time. Orders that queued here behind a pull find the image
-        // present and go on together under read locks.
-        if order.pull_policy != PullPolicy::Always {
+            // One pull per image at a time. Orders that queued here behind a pull find the
+            // image present and go on together under read locks.
             let pull_guard = self.locks.lock(pull_lock(image_ref)).await;
             let guard = self.image_locks.read(image_lock(image_ref)).await;
             drop(pull_guard);
