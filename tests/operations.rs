@@ -148,8 +148,11 @@ async fn ready_only_once_the_api_and_containerd_answer_then_watchdog_and_stoppin
     let waiting = notify
         .wait_for_prefix("STATUS", "waiting for containerd", STARTUP_TIMEOUT)
         .await?;
-    // The API answers while containerd does not: still no READY=1.
-    berthd.wait_serving().await?;
+    // The API answers while containerd does not, its health check NOT_SERVING: still no
+    // READY=1.
+    berthd
+        .wait_health(tonic_health::pb::health_check_response::ServingStatus::NotServing)
+        .await?;
     assert_eventually(
         "berthd to retry containerd at least three times",
         STARTUP_TIMEOUT,

@@ -19,6 +19,7 @@ use crate::api::{pb, Access, AgentService, SecretsService};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::containerd::Containerd;
+use crate::health::Health;
 use crate::metrics::SharedMetrics;
 use crate::pull::{Puller, RegistrySettings};
 use crate::run::Runner;
@@ -148,9 +149,8 @@ pub async fn run(
         .await?;
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AgentServer<AgentService>>().await;
-    health.set_serving::<SecretsServer<SecretsService>>().await;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::new(reporter).await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -185,8 +185,8 @@ pub async fn run(
 
     // Runs beside the server and ends with it, whether or not containerd ever answered.
     let ready = async {
-        notify_when_ready(&containerd).await;
-        watchdog(&containerd).await;
+        notify_when_ready(&containerd, &health).await;
+        tokio::join!(watchdog(&containerd), health.follow(&containerd));
     };
     let result = match listen {
         ListenAddr::Unix(path) => {
@@ -280,9 +280,9 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// Sends READY=1 once containerd answers (the API is bound before this runs), with STATUS=
-/// lines on the way.
-async fn notify_when_ready(containerd: &Containerd) {
+/// Reports health SERVING and sends READY=1 once containerd answers (the API is bound before
+/// this runs), with STATUS= lines on the way.
+async fn notify_when_ready(containerd: &Containerd, health: &Health) {
     let mut delay = Duration::from_millis(100);
     let mut reported = false;
     loop {
@@ -290,6 +290,7 @@ async fn notify_when_ready(containerd: &Containerd) {
             Ok(version) => {
                 info!(containerd = %version, socket = %containerd.socket().display(), "containerd answered; ready");
                 let status = format!("serving; containerd {version}");
+                health.set(true).await;
                 sd_notify::notify(
                     false,
                     &[

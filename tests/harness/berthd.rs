@@ -214,6 +214,11 @@ impl Berthd {
         health(self.channel().await?).await
     }
 
+    /// `grpc.health.v1.Health/Check` for one service, e.g. `berth.v1.Agent`.
+    pub async fn service_health(&self, service: &str) -> anyhow::Result<ServingStatus> {
+        super::grpc::service_health(self.channel().await?, service).await
+    }
+
     /// `berth --socket <sock> ARGS...`, with `stdin` fed to it when given.
     pub async fn cli(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
         run_cli(&self.socket, args, stdin).await

@@ -26,9 +26,14 @@ pub async fn connect_unix(path: &Path) -> anyhow::Result<Channel> {
 
 /// `grpc.health.v1.Health/Check` for the whole server (service "").
 pub async fn health(channel: Channel) -> anyhow::Result<ServingStatus> {
+    service_health(channel, "").await
+}
+
+/// `grpc.health.v1.Health/Check` for one service ("" is the server as a whole).
+pub async fn service_health(channel: Channel, service: &str) -> anyhow::Result<ServingStatus> {
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.to_owned(),
         })
         .await
         .context("calling grpc.health.v1.Health/Check")?;

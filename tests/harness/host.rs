@@ -209,9 +209,14 @@ impl HostBerthd {
 
     /// Polls the health check until SERVING (fails at once if berthd exited).
     pub async fn wait_serving(&mut self) -> anyhow::Result<()> {
+        self.wait_health(ServingStatus::Serving).await
+    }
+
+    /// Polls the health check until it answers `wanted` (fails at once if berthd exited).
+    pub async fn wait_health(&mut self, wanted: ServingStatus) -> anyhow::Result<()> {
         let socket = self.socket.clone();
         let result = wait_for(
-            "berthd's health check to answer SERVING",
+            &format!("berthd's health check to answer {wanted:?}"),
             STARTUP_TIMEOUT,
             || {
                 let exited = self.exit_status();
@@ -223,10 +228,7 @@ impl HostBerthd {
                     if !socket.exists() {
                         return Ok(None);
                     }
-                    Ok(match health_of(&socket).await {
-                        Some(ServingStatus::Serving) => Some(()),
-                        _ => None,
-                    })
+                    Ok((health_of(&socket).await == Some(wanted)).then_some(()))
                 }
             },
         )

@@ -7,6 +7,7 @@ use std::time::Duration;
 use berth::api::pb::{ContainerState, GetContainerRequest};
 use tokio::time::Instant;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::{
     blob_committed, describe_requests, image_names, ingest_offset, tasks, wait_for_state, FaultEnv,
@@ -174,10 +175,12 @@ async fn containerd_restarted_under_berthd() -> anyhow::Result<()> {
         .await
         .expect_err("no containerd, no container state");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let health = env.berthd.health().await?;
+    // Health follows containerd: a scheduler's health check sees what an order would meet.
+    let not_serving_after = wait_for_health(&env, ServingStatus::NotServing).await?;
 
     env.containerd.start_again().await?;
     let back = Instant::now();
+    let serving_after = wait_for_health(&env, ServingStatus::Serving).await?;
     let failures = AtomicUsize::new(0);
     let seen = wait_for(
         "GetContainer to answer again",
@@ -219,10 +222,28 @@ async fn containerd_restarted_under_berthd() -> anyhow::Result<()> {
     );
     println!(
         "[measure] containerd down: StartContainer UNAVAILABLE after {refused_in:?}, health \
-         {health:?}; containerd back: GetContainer answered after {recovered_in:?} \
+         NOT_SERVING {not_serving_after:?} after the outage began; containerd back: health \
+         SERVING after {serving_after:?}, GetContainer answered after {recovered_in:?} \
          ({failures_after} failed calls first); the held-back order then took {order_took:?}"
     );
     Ok(())
+}
+
+/// Waits until the server ("") and `berth.v1.Agent` both report `status`; returns how long
+/// that took.
+async fn wait_for_health(env: &Env, status: ServingStatus) -> anyhow::Result<Duration> {
+    let asked = Instant::now();
+    wait_for(
+        &format!("health {status:?}"),
+        Duration::from_secs(15),
+        || async {
+            let server = env.berthd.health().await?;
+            let agent = env.berthd.service_health("berth.v1.Agent").await?;
+            Ok((server == status && agent == status).then_some(()))
+        },
+    )
+    .await?;
+    Ok(asked.elapsed())
 }
 
 /// SIGTERM while a container runs: berthd exits 0, the container keeps running, and a new

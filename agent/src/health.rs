@@ -1,0 +1,74 @@
+//! gRPC health follows containerd: SERVING while containerd answers, NOT_SERVING (for the
+//! server as a whole and for each berth service) before it first answers and while it does
+//! not, so a scheduler's health check sees what its next order would meet.
+
+use std::time::Duration;
+
+use tonic::server::NamedService;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::api::pb::agent_server::AgentServer;
+use crate::api::pb::secrets_server::SecretsServer;
+use crate::api::{AgentService, SecretsService};
+use crate::containerd::Containerd;
+
+/// How often containerd is asked whether it answers, and how long an answer may take.
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The names whose status berthd reports: "" (the server) and its two services.
+const SERVICES: [&str; 3] = [
+    "",
+    <AgentServer<AgentService> as NamedService>::NAME,
+    <SecretsServer<SecretsService> as NamedService>::NAME,
+];
+
+/// berthd's side of `grpc.health.v1.Health`.
+#[derive(Debug, Clone)]
+pub(crate) struct Health {
+    reporter: HealthReporter,
+}
+
+impl Health {
+    /// Reports NOT_SERVING until [`Health::set`] says otherwise.
+    pub(crate) async fn new(reporter: HealthReporter) -> Self {
+        let health = Self { reporter };
+        health.set(false).await;
+        health
+    }
+
+    /// Reports every service as serving or not.
+    pub(crate) async fn set(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for service in SERVICES {
+            self.reporter.set_service_status(service, status).await;
+        }
+    }
+
+    /// Asks containerd every [`PROBE_INTERVAL`] and reports the change when it stops or starts
+    /// answering. Starts from "serving" (the caller saw containerd answer). Never returns.
+    pub(crate) async fn follow(&self, containerd: &Containerd) {
+        let mut serving = true;
+        loop {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let answers = tokio::time::timeout(PROBE_INTERVAL, containerd.version())
+                .await
+                .is_ok_and(|version| version.is_ok());
+            if answers == serving {
+                continue;
+            }
+            if answers {
+                info!(socket = %containerd.socket().display(), "containerd answers again; health SERVING");
+            } else {
+                warn!(socket = %containerd.socket().display(), "containerd is not answering; health NOT_SERVING");
+            }
+            self.set(answers).await;
+            serving = answers;
+        }
+    }
+}
