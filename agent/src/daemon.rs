@@ -186,7 +186,7 @@ pub async fn run(
     // Runs beside the server and ends with it, whether or not containerd ever answered.
     let ready = async {
         notify_when_ready(&containerd, &health).await;
-        tokio::join!(watchdog(&containerd), health.follow(&containerd));
+        tokio::join!(watchdog(), health.follow(&containerd));
     };
     let result = match listen {
         ListenAddr::Unix(path) => {
@@ -318,9 +318,9 @@ async fn notify_when_ready(containerd: &Containerd, health: &Health) {
     }
 }
 
-/// With `WatchdogSec=` set, pings systemd at half the interval while the runtime is alive, and
-/// keeps STATUS= saying whether containerd answers. Never returns.
-async fn watchdog(containerd: &Containerd) {
+/// With `WatchdogSec=` set, pings systemd at half the interval while the runtime is alive.
+/// Never returns.
+async fn watchdog() {
     let interval = watchdog_interval(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),
         std::env::var("WATCHDOG_PID").ok().as_deref(),
@@ -329,25 +329,8 @@ async fn watchdog(containerd: &Containerd) {
     let Some(interval) = interval else {
         return std::future::pending().await;
     };
-    let period = interval / 2;
-    let mut containerd_up = true;
     loop {
-        tokio::time::sleep(period).await;
-        let up = tokio::time::timeout(period, containerd.version())
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if up != containerd_up {
-            let status = if up {
-                "serving".to_owned()
-            } else {
-                format!(
-                    "containerd at {} not answering",
-                    containerd.socket().display()
-                )
-            };
-            sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]).ok();
-            containerd_up = up;
-        }
+        tokio::time::sleep(interval / 2).await;
         sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]).ok();
     }
 }

@@ -1,6 +1,7 @@
 //! gRPC health follows containerd: SERVING while containerd answers, NOT_SERVING (for the
 //! server as a whole and for each berth service) before it first answers and while it does
-//! not, so a scheduler's health check sees what its next order would meet.
+//! not, so a scheduler's health check sees what its next order would meet. systemd's STATUS=
+//! says the same.
 
 use std::time::Duration;
 
@@ -50,8 +51,9 @@ impl Health {
         }
     }
 
-    /// Asks containerd every [`PROBE_INTERVAL`] and reports the change when it stops or starts
-    /// answering. Starts from "serving" (the caller saw containerd answer). Never returns.
+    /// Asks containerd every [`PROBE_INTERVAL`] and reports the change, here and in systemd's
+    /// STATUS=, when it stops or starts answering. Starts from "serving" (the caller saw
+    /// containerd answer). Never returns.
     pub(crate) async fn follow(&self, containerd: &Containerd) {
         let mut serving = true;
         loop {
@@ -62,12 +64,16 @@ impl Health {
             if answers == serving {
                 continue;
             }
-            if answers {
-                info!(socket = %containerd.socket().display(), "containerd answers again; health SERVING");
+            let socket = containerd.socket().display();
+            let status = if answers {
+                info!(%socket, "containerd answers again; health SERVING");
+                "serving".to_owned()
             } else {
-                warn!(socket = %containerd.socket().display(), "containerd is not answering; health NOT_SERVING");
-            }
+                warn!(%socket, "containerd is not answering; health NOT_SERVING");
+                format!("containerd at {socket} not answering")
+            };
             self.set(answers).await;
+            sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]).ok();
             serving = answers;
         }
     }
