@@ -223,25 +223,7 @@ async fn a_registry_that_always_stalls_is_unavailable_within_the_deadline() -> a
     );
 
     let image = fx.via_proxy(&pushed);
-    let started = Instant::now();
-    let result = fx
-        .env
-        .start_container(fx.order("order-frozen", "frozen", &image))
-        .await?;
-    let took = started.elapsed();
-    let status = result.expect_err("a registry that never sends a byte cannot be pulled from");
-    assert_eq!(
-        status.code(),
-        Code::Unavailable,
-        "{status:?}\n{}",
-        describe_requests(&fx.proxy)
-    );
-    assert!(took < FAST_DEADLINE, "gave up after {took:?}");
-    let images = image_names(&fx.env).await?;
-    assert!(
-        !images.iter().any(|name| name.contains("team/frozen")),
-        "{images:?}"
-    );
+    let (status, took) = unavailable_in_time(&fx, "frozen", &image, "team/frozen").await?;
     let layer_gets = fx.proxy.blob_gets(&pushed.random_layer().digest).len();
     println!(
         "[measure] permanent stall: {:?} after {took:?} ({layer_gets} GETs of the layer): {}",
@@ -303,25 +285,7 @@ async fn a_permanent_outage_is_unavailable_within_the_deadline() -> anyhow::Resu
         .inject(Target::Any, Fault::unavailable(), Times::Always);
 
     let image = fx.via_proxy(&pushed);
-    let started = Instant::now();
-    let result = fx
-        .env
-        .start_container(fx.order("order-down", "down", &image))
-        .await?;
-    let took = started.elapsed();
-    let status = result.expect_err("nothing can be pulled from a registry that answers 503");
-    assert_eq!(
-        status.code(),
-        Code::Unavailable,
-        "{status:?}\n{}",
-        describe_requests(&fx.proxy)
-    );
-    assert!(took < FAST_DEADLINE, "gave up after {took:?}");
-    let images = image_names(&fx.env).await?;
-    assert!(
-        !images.iter().any(|name| name.contains("team/down")),
-        "{images:?}"
-    );
+    let (status, took) = unavailable_in_time(&fx, "down", &image, "team/down").await?;
     let requests = fx.proxy.requests().len();
     println!(
         "[measure] 503 always: {:?} after {took:?} ({requests} requests): {}",
@@ -494,4 +458,35 @@ async fn a_503_on_a_token_registrys_ping_is_survived() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     );
     Ok(())
+}
+
+/// Orders `image` as container `name` (order id `order-<name>`) from a registry that stays
+/// broken: UNAVAILABLE inside the fast deadline, and no image record of `repository`. Returns
+/// the status and how long the order took.
+async fn unavailable_in_time(
+    fx: &FaultEnv,
+    name: &str,
+    image: &str,
+    repository: &str,
+) -> anyhow::Result<(tonic::Status, Duration)> {
+    let started = Instant::now();
+    let result = fx
+        .env
+        .start_container(fx.order(&format!("order-{name}"), name, image))
+        .await?;
+    let took = started.elapsed();
+    let status = result.expect_err("a registry that stays broken cannot be pulled from");
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "{status:?}\n{}",
+        describe_requests(&fx.proxy)
+    );
+    assert!(took < FAST_DEADLINE, "gave up after {took:?}");
+    let images = image_names(&fx.env).await?;
+    assert!(
+        !images.iter().any(|name| name.contains(repository)),
+        "{images:?}"
+    );
+    Ok((status, took))
 }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use berth::api::pb::{ContainerState, GetContainerRequest};
+use berth::api::pb::{Container, ContainerState, GetContainerRequest};
 use tokio::time::Instant;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -47,8 +47,8 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
         let request = request.clone();
         async move { agent.start_container(request).await }
     });
-    // berthd hands containerd the bytes in chunks of 1 MiB or more: wait until everything sent
-    // before the stall arrived and the ingest holds at least the whole MiBs of it.
+    // berthd hands containerd the bytes in 512 KiB chunks: wait until everything sent before
+    // the stall arrived and the ingest holds at least the whole MiBs of it.
     let expected = stall_at / (1 << 20) * (1 << 20);
     wait_for(
         "the stalled layer's ingest to reach its last whole MiB",
@@ -135,26 +135,10 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
 /// container that ran all along is still reported RUNNING.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_restarted_under_berthd() -> anyhow::Result<()> {
-    let mut env = Env::start(RegistryKind::Htpasswd).await?;
-    let secret = env
-        .create_secret("reg", env.registry.addr(), &env.user)
-        .await?;
-    let sleeper = env
-        .push("team/sleeper", "v1", &TestImage::busybox(&["sleep", "300"]))
-        .await?;
+    let (mut env, secret, running) = env_with_a_sleeper().await?;
     let later = env
         .push("team/later", "v1", &TestImage::busybox(&["echo", "back"]))
         .await?;
-    let running = env
-        .start_container(start_request(
-            "order-sleeper",
-            "sleeper",
-            &sleeper.reference(),
-            &secret,
-        ))
-        .await?
-        .map_err(|status| anyhow::anyhow!("{status:?}"))?;
-    wait_for_state(&env, &running.id, ContainerState::Running).await?;
 
     env.containerd.stop_daemon();
     let during = start_request("order-during", "during", &later.reference(), &secret);
@@ -229,6 +213,29 @@ async fn containerd_restarted_under_berthd() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An env with a secret for its registry and a container `sleeper` (busybox `sleep 300`),
+/// RUNNING.
+async fn env_with_a_sleeper() -> anyhow::Result<(Env, String, Container)> {
+    let env = Env::start(RegistryKind::Htpasswd).await?;
+    let secret = env
+        .create_secret("reg", env.registry.addr(), &env.user)
+        .await?;
+    let sleeper = env
+        .push("team/sleeper", "v1", &TestImage::busybox(&["sleep", "300"]))
+        .await?;
+    let running = env
+        .start_container(start_request(
+            "order-sleeper",
+            "sleeper",
+            &sleeper.reference(),
+            &secret,
+        ))
+        .await?
+        .map_err(|status| anyhow::anyhow!("{status:?}"))?;
+    wait_for_state(&env, &running.id, ContainerState::Running).await?;
+    Ok((env, secret, running))
+}
+
 /// Waits until the server ("") and `berth.v1.Agent` both report `status`; returns how long
 /// that took.
 async fn wait_for_health(env: &Env, status: ServingStatus) -> anyhow::Result<Duration> {
@@ -250,23 +257,7 @@ async fn wait_for_health(env: &Env, status: ServingStatus) -> anyhow::Result<Dur
 /// berthd reports it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_berthd_and_leaves_containers_running() -> anyhow::Result<()> {
-    let mut env = Env::start(RegistryKind::Htpasswd).await?;
-    let secret = env
-        .create_secret("reg", env.registry.addr(), &env.user)
-        .await?;
-    let sleeper = env
-        .push("team/sleeper", "v1", &TestImage::busybox(&["sleep", "300"]))
-        .await?;
-    let running = env
-        .start_container(start_request(
-            "order-sleeper",
-            "sleeper",
-            &sleeper.reference(),
-            &secret,
-        ))
-        .await?
-        .map_err(|status| anyhow::anyhow!("{status:?}"))?;
-    wait_for_state(&env, &running.id, ContainerState::Running).await?;
+    let (mut env, _, running) = env_with_a_sleeper().await?;
 
     let stopping = Instant::now();
     let status = env.berthd.terminate(Duration::from_secs(40)).await?;
