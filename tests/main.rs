@@ -21,6 +21,8 @@ mod harness;
 #[cfg(test)]
 mod api_access;
 #[cfg(test)]
+mod containerd_versions;
+#[cfg(test)]
 mod errors;
 #[cfg(test)]
 mod leaks;

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use anyhow::Context as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::Value;
@@ -39,7 +40,24 @@ async fn containerd_runs_the_test_image_and_cleans_up_on_drop() -> anyhow::Resul
     let containerd = Containerd::start().await?;
     let version = containerd.ctr(containerd.namespace(), &["version"]).await?;
     assert!(version.status.success(), "ctr version: {version:?}");
-    assert!(String::from_utf8_lossy(&version.stdout).contains("Server:"));
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    // The server is the build BERTH_TEST_CONTAINERD_DIR picked (or the system's), not another.
+    let server = version
+        .split("Server:")
+        .nth(1)
+        .with_context(|| format!("no Server: in ctr version:\n{version}"))?;
+    let build = containerd.build();
+    assert!(
+        server.contains(&build.version_text),
+        "the test containerd is not {}:\n{version}",
+        build.version_text
+    );
+    // Its own config version is read without a migration warning.
+    assert!(
+        !containerd.log_text().contains("migrat"),
+        "{}",
+        containerd.log_text()
+    );
     assert!(
         containerd
             .log_text()

@@ -18,7 +18,7 @@ use crate::api::pb::secrets_server::SecretsServer;
 use crate::api::{pb, Access, AgentService, SecretsService};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConfigError, ListenAddr};
-use crate::containerd::Containerd;
+use crate::containerd::{Containerd, MINIMUM_VERSION};
 use crate::health::Health;
 use crate::metrics::SharedMetrics;
 use crate::pull::{Puller, RegistrySettings};
@@ -51,13 +51,17 @@ pub enum DaemonError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("socket_group {group:?} does not exist")]
     Group { group: String },
+    #[error("containerd at {socket} is version {version}; berth needs containerd {}.{} or newer", MINIMUM_VERSION.0, MINIMUM_VERSION.1)]
+    UnsupportedContainerd { socket: String, version: String },
 }
 
 impl DaemonError {
     /// Exit status: 64 (EX_USAGE) for configuration errors, which a restart would not fix.
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Config(_) | DaemonError::Group { .. } => 64,
+            DaemonError::Config(_)
+            | DaemonError::Group { .. }
+            | DaemonError::UnsupportedContainerd { .. } => 64,
             _ => 1,
         }
     }
@@ -142,7 +146,7 @@ pub async fn run(
         serve_metrics(
             &config.metrics_listen,
             runner.clone(),
-            metrics,
+            metrics.clone(),
             &tasks,
             metrics_stop.clone(),
         )
@@ -184,9 +188,11 @@ pub async fn run(
         .add_service(SecretsServer::new(SecretsService::new(secrets, access)));
 
     // Runs beside the server and ends with it, whether or not containerd ever answered.
+    // Ends early only when containerd turns out to be a version berth does not run on.
     let ready = async {
-        notify_when_ready(&containerd, &health).await;
-        tokio::join!(watchdog(), health.follow(&containerd));
+        notify_when_ready(&containerd, &health, &metrics).await?;
+        tokio::join!(watchdog(), health.follow(&containerd, &metrics));
+        Ok(())
     };
     let result = match listen {
         ListenAddr::Unix(path) => {
@@ -195,8 +201,8 @@ pub async fn run(
             let serve =
                 router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
             let result = tokio::select! {
-                result = serve => result,
-                () = ready => Ok(()),
+                result = serve => result.map_err(DaemonError::Server),
+                result = ready => result,
             };
             std::fs::remove_file(&path).ok();
             result
@@ -212,8 +218,8 @@ pub async fn run(
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let serve = router.serve_with_incoming_shutdown(incoming, shutdown);
             tokio::select! {
-                result = serve => result,
-                () = ready => Ok(()),
+                result = serve => result.map_err(DaemonError::Server),
+                result = ready => result,
             }
         }
     };
@@ -234,7 +240,7 @@ pub async fn run(
     {
         warn!("in-flight orders still running at the end of the grace period");
     }
-    result.map_err(DaemonError::Server)
+    result
 }
 
 /// Serves Prometheus text at `http://<address>/metrics` until `stop` is cancelled.
@@ -281,14 +287,34 @@ async fn serve_metrics(
 }
 
 /// Reports health SERVING and sends READY=1 once containerd answers (the API is bound before
-/// this runs), with STATUS= lines on the way.
-async fn notify_when_ready(containerd: &Containerd, health: &Health) {
+/// this runs), with STATUS= lines on the way. A containerd older than berth supports is an
+/// error: berthd stops rather than fail every order.
+async fn notify_when_ready(
+    containerd: &Containerd,
+    health: &Health,
+    metrics: &SharedMetrics,
+) -> Result<(), DaemonError> {
     let mut delay = Duration::from_millis(100);
     let mut reported = false;
     loop {
         match containerd.version().await {
+            Ok(version) if !version.is_supported() => {
+                let socket = containerd.socket().display().to_string();
+                let status = format!("containerd {version} is not supported");
+                sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]).ok();
+                return Err(DaemonError::UnsupportedContainerd {
+                    socket,
+                    version: version.to_string(),
+                });
+            }
             Ok(version) => {
-                info!(containerd = %version, socket = %containerd.socket().display(), "containerd answered; ready");
+                info!(
+                    containerd = %version,
+                    revision = version.revision(),
+                    socket = %containerd.socket().display(),
+                    "containerd answered; ready"
+                );
+                metrics.containerd_version(version.as_str());
                 let status = format!("serving; containerd {version}");
                 health.set(true).await;
                 sd_notify::notify(
@@ -299,7 +325,7 @@ async fn notify_when_ready(containerd: &Containerd, health: &Health) {
                     ],
                 )
                 .ok();
-                return;
+                return Ok(());
             }
             Err(err) => {
                 if !reported {

@@ -8,12 +8,13 @@ use std::time::Duration;
 use tonic::server::NamedService;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::pb::agent_server::AgentServer;
 use crate::api::pb::secrets_server::SecretsServer;
 use crate::api::{AgentService, SecretsService};
-use crate::containerd::Containerd;
+use crate::containerd::{Containerd, ContainerdVersion};
+use crate::metrics::SharedMetrics;
 
 /// How often containerd is asked whether it answers, and how long an answer may take.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -53,24 +54,37 @@ impl Health {
 
     /// Asks containerd every [`PROBE_INTERVAL`] and reports the change, here and in systemd's
     /// STATUS=, when it stops or starts answering. Starts from "serving" (the caller saw
-    /// containerd answer). Never returns.
-    pub(crate) async fn follow(&self, containerd: &Containerd) {
+    /// containerd answer). A containerd that comes back is asked its version again (it may
+    /// have been upgraded); one berth does not support counts as not answering. Never returns.
+    pub(crate) async fn follow(&self, containerd: &Containerd, metrics: &SharedMetrics) {
         let mut serving = true;
         loop {
             tokio::time::sleep(PROBE_INTERVAL).await;
-            let answers = tokio::time::timeout(PROBE_INTERVAL, containerd.version())
+            let version = tokio::time::timeout(PROBE_INTERVAL, containerd.version())
                 .await
-                .is_ok_and(|version| version.is_ok());
+                .ok()
+                .and_then(Result::ok);
+            let answers = version
+                .as_ref()
+                .is_some_and(ContainerdVersion::is_supported);
             if answers == serving {
                 continue;
             }
             let socket = containerd.socket().display();
-            let status = if answers {
-                info!(%socket, "containerd answers again; health SERVING");
-                "serving".to_owned()
-            } else {
-                warn!(%socket, "containerd is not answering; health NOT_SERVING");
-                format!("containerd at {socket} not answering")
+            let status = match &version {
+                Some(version) if answers => {
+                    info!(%socket, containerd = %version, revision = version.revision(), "containerd answers again; health SERVING");
+                    metrics.containerd_version(version.as_str());
+                    format!("serving; containerd {version}")
+                }
+                Some(version) => {
+                    error!(%socket, containerd = %version, "containerd is back as a version berth does not support; health NOT_SERVING");
+                    format!("containerd {version} at {socket} is not supported")
+                }
+                None => {
+                    warn!(%socket, "containerd is not answering; health NOT_SERVING");
+                    format!("containerd at {socket} not answering")
+                }
             };
             self.set(answers).await;
             sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]).ok();

@@ -41,6 +41,11 @@ pub(crate) struct StateLabels {
     pub(crate) state: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct VersionLabels {
+    pub(crate) version: String,
+}
+
 /// Every metric berthd exports. One instance per daemon, shared by `Arc`.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -54,6 +59,8 @@ pub(crate) struct Metrics {
     pub(crate) pulls_in_flight: Gauge,
     pub(crate) containers: Family<StateLabels, Gauge>,
     pub(crate) mirror_pulls: Family<MirrorLabels, Counter>,
+    /// 1 for the version of the containerd berthd last reached; no sample before that.
+    containerd_info: Family<VersionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -70,6 +77,7 @@ impl Default for Metrics {
         let pulls_in_flight = Gauge::default();
         let containers = Family::<StateLabels, Gauge>::default();
         let mirror_pulls = Family::<MirrorLabels, Counter>::default();
+        let containerd_info = Family::<VersionLabels, Gauge>::default();
         registry.register(
             "berth_pulls",
             "Image pulls by result and registry",
@@ -115,6 +123,11 @@ impl Default for Metrics {
             "Pull attempts through registry mirrors by upstream, mirror and result",
             mirror_pulls.clone(),
         );
+        registry.register(
+            "berth_containerd_info",
+            "The version of the containerd berthd talks to (value 1)",
+            containerd_info.clone(),
+        );
         Self {
             registry,
             pulls,
@@ -126,6 +139,7 @@ impl Default for Metrics {
             pulls_in_flight,
             containers,
             mirror_pulls,
+            containerd_info,
         }
     }
 }
@@ -138,6 +152,17 @@ impl Metrics {
                 kind,
             })
             .inc();
+    }
+
+    /// Records the containerd version berthd reaches now (it may change across a containerd
+    /// upgrade and restart): one sample, value 1.
+    pub(crate) fn containerd_version(&self, version: &str) {
+        self.containerd_info.clear();
+        self.containerd_info
+            .get_or_create(&VersionLabels {
+                version: version.to_owned(),
+            })
+            .set(1);
     }
 
     /// The text exposition of every metric.
@@ -175,7 +200,10 @@ mod tests {
                 registry: "r:5000".into(),
             })
             .inc_by(10);
+        metrics.containerd_version("1.6.20~ds1");
+        metrics.containerd_version("2.1.9");
         let text = metrics.encode();
+        assert!(!text.contains("1.6.20"), "{text}");
         for needle in [
             "berth_pulls_total{result=\"ok\",registry=\"r:5000\"} 1",
             "berth_token_requests_total{registry=\"r:5000\",kind=\"docker\"} 1",
@@ -183,6 +211,7 @@ mod tests {
             "berth_pulls_in_flight 2",
             "# TYPE berth_start_duration_seconds histogram",
             "berth_pull_bytes_total{registry=\"r:5000\"} 10",
+            "berth_containerd_info{version=\"2.1.9\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

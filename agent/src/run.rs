@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, OwnedRwLockReadGuard};
 use tracing::{info, instrument, warn};
 
 use crate::auth::{AuthError, Authenticator};
-use crate::containerd::{ContainerRecord, Containerd, ContainerdError, NewContainer};
+use crate::containerd::{
+    ContainerRecord, Containerd, ContainerdError, ContainerdVersion, NewContainer,
+};
 use crate::locks::{KeyedLocks, KeyedRwLocks};
 use crate::metrics::{SharedMetrics, StateLabels};
 use crate::order::{ImageRef, Order, OrderError, PullPolicy};
@@ -203,6 +205,14 @@ impl Runner {
             passed: std::sync::Mutex::default(),
         });
         self
+    }
+
+    /// The containerd berthd talks to, if it answers within a second.
+    pub(crate) async fn containerd_version(&self) -> Option<ContainerdVersion> {
+        tokio::time::timeout(Duration::from_secs(1), self.containerd.version())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 
     /// Starts the container an order asks for; the same order again returns the same container.

@@ -5,7 +5,7 @@
 //! under it, and removes the runc state of its namespace.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -16,7 +16,10 @@ use super::process::{kill_processes_mentioning, Daemon};
 use super::wait::{wait_for, STARTUP_TIMEOUT};
 use super::{random_lowercase, temp_dir};
 
+mod build;
 mod restart;
+
+pub use build::Build;
 
 /// Upper bound on one `ctr` run.
 const CTR_TIMEOUT: Duration = Duration::from_secs(60);
@@ -30,18 +33,25 @@ pub struct Containerd {
     daemon: Daemon,
     socket: PathBuf,
     namespace: String,
+    build: Build,
     dir: TempDir,
 }
 
 impl Containerd {
-    /// Starts containerd and waits until `ctr version` answers.
+    /// Starts containerd (the build of this run, see [`Build::current`]) and waits until `ctr
+    /// version` answers.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_build(Build::current()?).await
+    }
+
+    /// Starts the containerd of `build` and waits until `ctr version` answers.
+    pub async fn start_build(build: &Build) -> anyhow::Result<Self> {
         let dir = temp_dir("containerd")?;
         let socket = dir.path().join("containerd.sock");
         let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config_toml(dir.path(), &socket))
+        std::fs::write(&config_path, config_toml(build, dir.path(), &socket))
             .with_context(|| format!("writing {}", config_path.display()))?;
-        let mut command = Command::new("containerd");
+        let mut command = build.command("containerd");
         command.arg("--config").arg(&config_path);
         let daemon = Daemon::spawn("containerd", command, &dir.path().join("containerd.log"))
             .context("starting containerd (apt package containerd)")?;
@@ -51,6 +61,7 @@ impl Containerd {
             // Unique per test: the runc shim keeps state in /run/containerd/runc/<namespace>/<id>
             // whatever containerd's root, so two tests' containers with one id would collide.
             namespace: format!("berth-test-{}", random_lowercase(8)),
+            build: build.clone(),
             dir,
         };
         wait_for(
@@ -60,7 +71,8 @@ impl Containerd {
                 let containerd = &containerd;
                 async move {
                     containerd.daemon.ensure_running()?;
-                    let version = tokio::process::Command::new("ctr")
+                    let version = build
+                        .tokio_command("ctr")
                         .arg("--address")
                         .arg(&containerd.socket)
                         .args(["--connect-timeout", "1s", "version"])
@@ -86,6 +98,11 @@ impl Containerd {
         &self.namespace
     }
 
+    /// The build running: its binaries and version.
+    pub fn build(&self) -> &Build {
+        &self.build
+    }
+
     /// containerd's root, state and logs all live under this dir.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -97,7 +114,9 @@ impl Containerd {
 
     /// `ctr --address SOCK -n NAMESPACE ARGS...`.
     pub async fn ctr(&self, namespace: &str, args: &[&str]) -> anyhow::Result<Output> {
-        let run = tokio::process::Command::new("ctr")
+        let run = self
+            .build
+            .tokio_command("ctr")
             .arg("--address")
             .arg(&self.socket)
             .args(["-n", namespace])
@@ -125,7 +144,7 @@ impl Containerd {
 
     /// Blocking `ctr` for `Drop`; stdout lines, empty on any failure.
     fn ctr_lines_blocking(&self, namespace: Option<&str>, args: &[&str]) -> Vec<String> {
-        let mut command = Command::new("ctr");
+        let mut command = self.build.command("ctr");
         command.arg("--address").arg(&self.socket).args([
             "--connect-timeout",
             "2s",
@@ -211,14 +230,27 @@ fn unescape_mount_path(field: &str) -> String {
     path
 }
 
-fn config_toml(dir: &Path, socket: &Path) -> String {
+fn config_toml(build: &Build, dir: &Path, socket: &Path) -> String {
     let dir = dir.display();
     let socket = socket.display();
+    // 2.x reads version 3 (it migrates version 2 with a warning); its CRI is three plugins, and
+    // its NRI (on by default) would share /var/run/nri/nri.sock between the tests' containerds.
+    let (version, disabled) = if build.is_v2() {
+        (
+            3,
+            r#""io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri""#,
+        )
+    } else {
+        (
+            2,
+            r#""io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri""#,
+        )
+    };
     format!(
-        r#"version = 2
+        r#"version = {version}
 root = "{dir}/root"
 state = "{dir}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{socket}"

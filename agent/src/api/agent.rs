@@ -202,4 +202,22 @@ impl pb::agent_server::Agent for AgentService {
             freed_bytes: report.freed_bytes,
         }))
     }
+
+    async fn version(
+        &self,
+        _request: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        let containerd = self.runner.containerd_version().await;
+        Ok(Response::new(pb::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            containerd_version: containerd
+                .as_ref()
+                .map(|version| version.as_str().to_owned())
+                .unwrap_or_default(),
+            containerd_revision: containerd
+                .as_ref()
+                .map(|version| version.revision().to_owned())
+                .unwrap_or_default(),
+        }))
+    }
 }

@@ -240,6 +240,17 @@ impl pb::agent_server::Agent for Fake {
     ) -> Result<Response<pb::PruneImagesResponse>, Status> {
         Ok(Response::new(pb::PruneImagesResponse::default()))
     }
+
+    async fn version(
+        &self,
+        _request: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        // As a berthd whose containerd does not answer.
+        Ok(Response::new(pb::VersionResponse {
+            version: "9.9.9".to_owned(),
+            ..Default::default()
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -351,6 +362,24 @@ mod tests {
             state: pb::ContainerState::Running as i32,
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn version_prints_the_cli_then_berthd_then_containerd() {
+        let daemon = FakeDaemon::start();
+        let ran = berth(&daemon, &["version"]).await;
+        ran.result.unwrap();
+        let cli = env!("CARGO_PKG_VERSION");
+        assert_eq!(
+            ran.out,
+            format!("berth   {cli}\nberthd  9.9.9\ncontainerd not answering\n")
+        );
+        let ran = berth(&daemon, &["version", "--output", "json"]).await;
+        ran.result.unwrap();
+        let printed: serde_json::Value = serde_json::from_str(&ran.out).unwrap();
+        assert_eq!(printed["berth"], cli);
+        assert_eq!(printed["berthd"], "9.9.9");
+        assert_eq!(printed["containerd"], "");
     }
 
     #[tokio::test]

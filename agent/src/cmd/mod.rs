@@ -14,6 +14,7 @@ mod progress;
 mod pull;
 mod secret;
 pub(crate) mod service;
+mod version;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,8 @@ enum Command {
     /// Manage the images berthd keeps (`image prune`).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Print the versions of berth, berthd and the containerd berthd talks to.
+    Version,
 }
 
 /// Everything that can make a `berth` invocation fail.
@@ -278,6 +281,7 @@ async fn run_console(
         Command::Rm(args) => container::rm(args, &mut console).await,
         Command::Pull(args) => pull::run(args, &mut console).await,
         Command::Image(command) => image::run(command, &mut console).await,
+        Command::Version => version::run(&mut console).await,
     }
 }
 

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{ContainerdError, Lease};
+use super::{ContainerdError, ContainerdVersion, Lease};
 
 /// A cheap-to-clone handle on one containerd namespace.
 #[derive(Debug, Clone)]
@@ -64,13 +64,17 @@ impl Containerd {
         &self.socket
     }
 
-    /// Asks containerd for its version: the liveness check used before READY.
-    pub(crate) async fn version(&self) -> Result<String, ContainerdError> {
+    /// Asks containerd for its version: the liveness check used before READY and by health.
+    pub(crate) async fn version(&self) -> Result<ContainerdVersion, ContainerdError> {
         let reply = VersionClient::new(self.channel.clone())
             .version(tonic::Request::new(()))
             .await
-            .map_err(ContainerdError::rpc("version"))?;
-        Ok(reply.into_inner().version)
+            .map_err(ContainerdError::rpc("version"))?
+            .into_inner();
+        ContainerdVersion::parse(&reply.version, &reply.revision).ok_or(ContainerdError::Protocol {
+            op: "version",
+            reason: "the version has no major.minor number",
+        })
     }
 
     /// A request in this namespace, optionally under a lease.

@@ -8,12 +8,14 @@ mod content;
 mod image;
 mod lease;
 mod task;
+mod version;
 
 pub(crate) use client::Containerd;
 pub(crate) use container::{ContainerRecord, NewContainer};
 pub(crate) use content::{BlobWriter, OpenedBlob};
 pub(crate) use image::{chain_ids, ListedImage, UnpackLayer};
 pub(crate) use lease::Lease;
+pub(crate) use version::{ContainerdVersion, MINIMUM as MINIMUM_VERSION};
 
 /// A failed containerd call. The `Status` is kept as the source and never stringified into
 /// messages; callers branch on [`ContainerdError::code`].

@@ -1,8 +1,6 @@
 //! Stopping and starting the test's containerd under a running berthd: same config, root,
 //! state and sockets, so its shims (and the containers they run) are picked up again.
 
-use std::process::Command;
-
 use anyhow::Context as _;
 
 use super::Containerd;
@@ -20,7 +18,7 @@ impl Containerd {
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         self.daemon.stop();
         let config_path = self.dir.path().join("config.toml");
-        let mut command = Command::new("containerd");
+        let mut command = self.build.command("containerd");
         command.arg("--config").arg(&config_path);
         let log_path = self.daemon.log_path().to_owned();
         self.daemon =
@@ -30,7 +28,9 @@ impl Containerd {
             STARTUP_TIMEOUT,
             || async {
                 self.daemon.ensure_running()?;
-                let version = tokio::process::Command::new("ctr")
+                let version = self
+                    .build
+                    .tokio_command("ctr")
                     .arg("--address")
                     .arg(&self.socket)
                     .args(["--connect-timeout", "1s", "version"])
