@@ -3,7 +3,7 @@
 #
 # Usage: bench/run.sh [--quick] [--pairs N] [--only LIST] [--cold-images L] [--downloads N]
 #                     [--work-dir DIR] [--no-build] [--fresh-images] [--gzip-level L]
-#                     [--debug-logs] [--help]
+#                     [--debug-logs] [--containerd VERSION] [--help]
 #   --quick          small images and 2 pairs: a smoke run of every scenario (a few minutes)
 #   --pairs N        A/B pairs per comparison (default: 5 full, 2 quick)
 #   --only LIST      comma-separated subset of: cold,warm,concurrent,rss
@@ -14,6 +14,9 @@
 #   --fresh-images   generate the random images again even when a cached layout exists
 #   --gzip-level L   gzip level of the generated layers (default 0; see bench/mkimage.py)
 #   --debug-logs     run berthd with BERTH_LOG=debug (timestamps for a breakdown; slower)
+#   --containerd V   measure on containerd V (1.6, 1.7 or 2.1; scripts/containerd.sh fetches
+#                    it): its containerd, ctr and shim come first on PATH, for berth and ctr
+#                    alike; the default is the system containerd
 #
 # What it does (needs root, Debian 12, the packages of scripts/provision.sh, python3):
 #   1. cargo build --release --bins
@@ -62,6 +65,7 @@ build=1
 fresh_images=0
 gzip_level=0
 berth_log=info
+containerd_version=""
 while (($#)); do
     case "$1" in
         --quick) mode=quick ;;
@@ -74,6 +78,7 @@ while (($#)); do
         --fresh-images) fresh_images=1 ;;
         --gzip-level) gzip_level="$2"; shift ;;
         --debug-logs) berth_log=debug ;;
+        --containerd) containerd_version="$2"; shift ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -86,6 +91,19 @@ while (($#)); do
     shift
 done
 
+if [[ -n "$containerd_version" ]]; then
+    containerd_bin="$(bash "$REPO_ROOT/scripts/containerd.sh" dir "$containerd_version")" ||
+        { echo "bench: no containerd $containerd_version" >&2; exit 64; }
+    PATH="$containerd_bin:$PATH"
+    export PATH
+fi
+# containerd 2.x reads config version 3 (2 is migrated with a warning); its CRI is three plugins.
+ctrd_config_version=2
+ctrd_disabled='"io.containerd.grpc.v1.cri"'
+if [[ "$(containerd --version | awk '{ sub(/^v/, "", $3); print $3 }')" == 2.* ]]; then
+    ctrd_config_version=3
+    ctrd_disabled='"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"'
+fi
 if [[ $mode == quick ]]; then
     pairs="${pairs:-2}"
     concurrent_reps=1
@@ -195,10 +213,10 @@ ctrd_start() { # LABEL
     ctrd_ns="bench-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
     mkdir -p "$ctrd_dir"
     cat >"$ctrd_dir/config.toml" <<EOF
-version = 2
+version = $ctrd_config_version
 root = "$ctrd_dir/root"
 state = "$ctrd_dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [$ctrd_disabled]
 
 [grpc]
   address = "$ctrd_dir/containerd.sock"

@@ -4,11 +4,14 @@
 # the image by berthd through containerd. Then it checks that the password is in
 # none of the places it must never reach.
 #
-# Usage: scripts/demo.sh [--keep | --registry-only | --stop | --help]
+# Usage: scripts/demo.sh [--keep | --registry-only | --stop | --help] [--containerd VERSION]
 #   (none)           run the demo, then remove its container and stop what it started
 #   --keep           leave berthd, the registry, containerd and the container running
 #   --registry-only  start containerd and the registry and push the image; no berth
 #   --stop           stop what an earlier --keep or --registry-only run left running
+#   --containerd V   run on containerd V (1.6, 1.7 or 2.1; scripts/containerd.sh fetches it)
+#                    started here with its own root, state and socket under
+#                    /tmp/berth-demo/containerd-V; the default is the system containerd
 #
 # Needs root and Debian 12 (scripts/provision.sh installs the rest). Uses:
 #   /tmp/berth-demo/                  registry data, image build, configs, logs
@@ -41,20 +44,34 @@ done
 export PATH
 
 mode=run
-case "${1:-}" in
-    "") ;;
-    --keep) mode=keep ;;
-    --registry-only) mode=registry-only ;;
-    --stop) mode=stop ;;
-    -h | --help)
-        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-        exit 0
-        ;;
-    *)
-        printf 'demo: unknown argument %s (see --help)\n' "$1" >&2
-        exit 64
-        ;;
-esac
+containerd_version=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --keep) mode=keep ;;
+        --registry-only) mode=registry-only ;;
+        --stop) mode=stop ;;
+        --containerd)
+            [[ $# -ge 2 ]] || {
+                printf 'demo: --containerd needs a version (1.6, 1.7 or 2.1)\n' >&2
+                exit 64
+            }
+            containerd_version="$2"
+            shift
+            ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            printf 'demo: unknown argument %s (see --help)\n' "$1" >&2
+            exit 64
+            ;;
+    esac
+    shift
+done
+# ctr of the chosen build (the system's by default).
+CONTAINERD_BIN=/usr/bin
+ctr() { "$CONTAINERD_BIN/ctr" "$@"; }
 
 step() { printf '\n==> %s\n' "$*"; }
 say() { printf '    %s\n' "$*"; }
@@ -170,8 +187,43 @@ fi
 rm -f "$DEMO_DIR/berthd.log"
 
 # --- 2. containerd --------------------------------------------------------------------
-step "containerd at $CONTAINERD_SOCKET"
-if ctr --address "$CONTAINERD_SOCKET" version >/dev/null 2>&1; then
+if [[ -n "$containerd_version" ]]; then
+    # A build of its own beside the system one: own root, state, socket and config.
+    CONTAINERD_BIN="$(bash "$REPO_ROOT/scripts/containerd.sh" dir "$containerd_version")"
+    containerd_dir="$DEMO_DIR/containerd-$containerd_version"
+    CONTAINERD_SOCKET="$containerd_dir/containerd.sock"
+    mkdir -p "$containerd_dir"
+    config_version=2
+    disabled='"io.containerd.grpc.v1.cri"'
+    if [[ "$containerd_version" == 2.* ]]; then
+        config_version=3 # 2.x reads version 3; its CRI is three plugins
+        disabled='"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"'
+    fi
+    cat >"$containerd_dir/config.toml" <<EOF
+version = $config_version
+root = "$containerd_dir/root"
+state = "$containerd_dir/state"
+disabled_plugins = [$disabled]
+
+[grpc]
+  address = "$CONTAINERD_SOCKET"
+
+[ttrpc]
+  address = "$CONTAINERD_SOCKET.ttrpc"
+EOF
+fi
+step "containerd ${containerd_version:-(system)} at $CONTAINERD_SOCKET"
+if [[ -n "$containerd_version" ]] && ctr --address "$CONTAINERD_SOCKET" version >/dev/null 2>&1; then
+    say "already answering (an earlier --keep run); using it"
+elif [[ -n "$containerd_version" ]]; then
+    say "starting containerd $containerd_version from $CONTAINERD_BIN (log: $DEMO_DIR/containerd.log)"
+    show "containerd --config $containerd_dir/config.toml &"
+    # Its own shim first on PATH: containerd finds containerd-shim-runc-v2 there.
+    start_background containerd "$DEMO_DIR/containerd.log" \
+        env "PATH=$CONTAINERD_BIN:$PATH" "$CONTAINERD_BIN/containerd" --config "$containerd_dir/config.toml"
+    wait_for containerd "containerd answers (ctr version)" ctr --address "$CONTAINERD_SOCKET" version ||
+        die "containerd did not answer (waited up to ${WAIT_SECONDS}s); see $DEMO_DIR/containerd.log"
+elif ctr --address "$CONTAINERD_SOCKET" version >/dev/null 2>&1; then
     say "already answering; using it"
 else
     say "not answering; starting containerd with its default config (log: $DEMO_DIR/containerd.log)"
@@ -272,6 +324,9 @@ state_dir = "$BERTH_STATE_DIR"
 [secrets]
 key_file = "$BERTH_KEY_FILE"
 
+[containerd]
+socket = "$CONTAINERD_SOCKET"
+
 [registry]
 plain_http = ["$REGISTRY_ADDR"]
 EOF
@@ -283,6 +338,8 @@ show "BERTH_LOG=info berthd --config $DEMO_DIR/berthd.toml &   (log: $DEMO_DIR/b
 start_background berthd "$DEMO_DIR/berthd.log" env BERTH_LOG=info "$BERTHD_BIN" --config "$DEMO_DIR/berthd.toml"
 wait_for berthd "berthd answers (berth ps)" berth ps ||
     die "berthd did not answer on $BERTH_SOCKET (waited up to ${WAIT_SECONDS}s); see $DEMO_DIR/berthd.log"
+show "berth version"
+berth version | sed 's/^/      /'
 
 # --- 6. the seed flow: secret, service, ps, logs ----------------------------------------
 step "clearing what an earlier run left in berthd"

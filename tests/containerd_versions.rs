@@ -65,6 +65,19 @@ async fn berth_version_names_berthd_and_the_containerd_it_talks_to() -> anyhow::
         .run_to_completion(&pushed.reference(), &secret, PullPolicy::IfNotPresent)
         .await?;
     assert_eq!(container.exit_code, 0);
+
+    // containerd 2.x lists the deprecated features a client used; berth uses none.
+    if env.containerd.build().is_v2() {
+        let deprecations = env.containerd.ctr_ok(&["deprecations", "list"]).await?;
+        let used: Vec<&str> = deprecations
+            .lines()
+            .filter(|line| !line.trim().is_empty() && !line.starts_with("ID"))
+            .collect();
+        assert!(
+            used.is_empty(),
+            "containerd reports deprecations:\n{deprecations}"
+        );
+    }
     Ok(())
 }
 
