@@ -124,7 +124,8 @@ wait_for() { # NAME DESCRIPTION COMMAND...
     local deadline=$((SECONDS + WAIT_SECONDS))
     until "$@" >/dev/null 2>&1; do
         if [[ -n "$name" && -z "$(pid_of "$name")" ]]; then
-            printf 'demo: %s exited; its log: %s/%s.log\n' "$name" "$DEMO_DIR" "$name" >&2
+            printf 'demo: %s exited; the end of its log, %s/%s.log:\n' "$name" "$DEMO_DIR" "$name" >&2
+            tail -n 15 "$DEMO_DIR/$name.log" >&2 || true
             return 1
         fi
         ((SECONDS < deadline)) || return 1
@@ -265,7 +266,7 @@ show "docker-registry serve $DEMO_DIR/registry.yml &"
 start_background docker-registry "$DEMO_DIR/registry.log" docker-registry serve "$DEMO_DIR/registry.yml"
 registry_answers() { [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY_ADDR/v2/")" == 401 ]]; }
 wait_for docker-registry "registry answers, and asks for credentials (GET /v2/ -> 401)" registry_answers ||
-    die "the registry did not answer (waited up to ${WAIT_SECONDS}s); see $DEMO_DIR/registry.log"
+    die "the registry did not answer (waited up to ${WAIT_SECONDS}s); see $DEMO_DIR/docker-registry.log"
 
 # --- 4. image ---------------------------------------------------------------------------
 step "building a tiny image with umoci (static busybox, prints one line) and pushing it"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Proves the README's set-up on a truly fresh machine: a minimal Debian 12 root made with
 # `debootstrap --variant=minbase`, into which only what every machine of this kind already has is
-# carried (the Rust toolchain in ~/.cargo and ~/.rustup, the system CA bundle, the proxy and
+# carried (the Rust toolchain in ~/.cargo and ~/.rustup with cargo-nextest, the system CA bundle, the proxy and
 # certificate variables, /proc, /sys and /dev). Inside it, a clone of this checkout runs
 # scripts/demo.sh (the README's first command: provision, build, the whole main job) and then one
 # integration test against a real containerd and registry; `--full` runs scripts/test.sh (the
@@ -111,6 +111,11 @@ for dir in .cargo .rustup; do
     mkdir -p "$root/root/$dir"
     mount --bind "$home/$dir" "$root/root/$dir"
 done
+# cargo-nextest comes with the toolchain on machines of this kind, outside ~/.cargo here.
+nextest="$(command -v cargo-nextest || true)"
+if [[ -n "$nextest" && "$nextest" != "$home/.cargo/"* ]]; then
+    cp "$nextest" "$root/usr/local/bin/cargo-nextest"
+fi
 for dir in /etc/ssl/certs /usr/local/share/ca-certificates; do
     [[ -d "$dir" ]] || continue
     mkdir -p "$root$dir"
