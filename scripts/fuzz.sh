@@ -24,7 +24,7 @@ for dir in "${HOME:-/root}/.cargo/bin" /usr/local/bin; do
 done
 export PATH
 
-ALL_TARGETS=(image_ref www_authenticate manifest service_yaml)
+ALL_TARGETS=(image_ref www_authenticate manifest service_yaml openbao_created_time)
 seconds="${1:-60}"
 if [[ $# -gt 0 ]]; then shift; fi
 if [[ $# -gt 0 ]]; then targets=("$@"); else targets=("${ALL_TARGETS[@]}"); fi
@@ -42,7 +42,7 @@ export RUSTC_BOOTSTRAP=1
 # The longest input per target: references and challenges are short, documents are not.
 max_len() {
     case "$1" in
-        image_ref) echo 1024 ;;
+        image_ref | openbao_created_time) echo 1024 ;;
         www_authenticate) echo 16384 ;;
         *) echo 65536 ;;
     esac

@@ -71,6 +71,11 @@ pub mod fuzzing {
         }
     }
 
+    /// OpenBao's `created_time` (an RFC 3339 UTC timestamp) → unix seconds.
+    pub fn openbao_created_time(input: &str) -> Option<u64> {
+        crate::secret::openbao::rfc3339_unix_seconds(input)
+    }
+
     /// The CLI's service YAML parser (`berth service create --file`); whether it parses.
     pub fn service_yaml(input: &str) -> bool {
         crate::cmd::service::parse_service(Path::new("fuzz.yaml"), input).is_ok()

@@ -530,7 +530,7 @@ fn unix_seconds(value: &serde_json::Value) -> Option<u64> {
 }
 
 /// `2026-11-29T13:27:07.692689215Z` (OpenBao's `created_time`, always UTC) → unix seconds.
-fn rfc3339_unix_seconds(text: &str) -> Option<u64> {
+pub(crate) fn rfc3339_unix_seconds(text: &str) -> Option<u64> {
     let digits = |range: std::ops::Range<usize>| -> Option<i64> {
         let part = text.get(range)?;
         if part.bytes().all(|byte| byte.is_ascii_digit()) {
@@ -549,7 +549,8 @@ fn rfc3339_unix_seconds(text: &str) -> Option<u64> {
     {
         return None;
     }
-    let fraction = &text[19..text.len() - 1];
+    // `get`: a multi-byte character may straddle byte 19 (OpenBao answers what it likes).
+    let fraction = text.get(19..text.len() - 1)?;
     if !(fraction.is_empty()
         || fraction
             .strip_prefix('.')

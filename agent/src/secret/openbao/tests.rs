@@ -189,6 +189,11 @@ fn rfc3339_timestamps() {
         "2026-11-29T13:27:07.Z",
         "2026-11-29 13:27:07Z",
         "+026-11-29T13:27:07Z",
+        // A multi-byte character across byte 19, in the seconds or the fraction.
+        "2026-11-29T13:27:0\u{e9}Z",
+        "2026-11-29T13:27:07\u{e9}Z",
+        "2026-11-29T13:27:07.\u{20ac}Z",
+        "2026-11-29T13:27:07.1\u{1f600}Z",
     ] {
         assert_eq!(rfc3339_unix_seconds(bad), None, "{bad}");
     }
