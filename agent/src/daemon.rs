@@ -113,6 +113,9 @@ pub async fn run(
         read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
         max_concurrent_downloads: config.registry.max_concurrent_downloads,
         retries: config.registry.retries,
+        stall_timeout: (config.registry.stall_timeout_seconds > 0)
+            .then(|| Duration::from_secs(config.registry.stall_timeout_seconds)),
+        max_bytes_per_second: config.registry.max_bytes_per_second,
         mirrors: crate::pull::mirror::Mirror::from_config(&config.registry.mirror),
     };
     let containerd = Containerd::new(

@@ -109,7 +109,9 @@ fn pull_code(err: &PullError) -> Code {
         PullError::NotFound { .. } | PullError::NoPlatform { .. } => Code::NotFound,
         PullError::Mismatch { .. } => Code::DataLoss,
         PullError::Unsupported { .. } | PullError::Config { .. } => Code::FailedPrecondition,
-        PullError::Unreachable { .. } | PullError::Throttled { .. } => Code::Unavailable,
+        PullError::Unreachable { .. } | PullError::Throttled { .. } | PullError::Stalled { .. } => {
+            Code::Unavailable
+        }
         PullError::Deadline { .. } => Code::DeadlineExceeded,
         PullError::Registry { .. } | PullError::Client { .. } => Code::Internal,
         PullError::Containerd { source, .. } => containerd_code(source),

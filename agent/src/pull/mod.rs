@@ -2,11 +2,13 @@
 //! verify every byte while streaming it into containerd, unpack, and only then write the image
 //! record. A failed pull leaves no image record.
 
+mod bandwidth;
 mod blob;
 pub(crate) mod manifest;
 pub(crate) mod mirror;
 pub(crate) mod registry;
 mod stagger;
+mod stall;
 mod unpack;
 pub(crate) mod verify;
 
@@ -76,6 +78,11 @@ pub(crate) enum PullError {
         registry: String,
         retry_after: Duration,
     },
+    #[error("a download from registry {registry} received nothing for {} s", stalled_for.as_secs())]
+    Stalled {
+        registry: String,
+        stalled_for: Duration,
+    },
     #[error("registry {registry} is not reachable")]
     Unreachable {
         registry: String,
@@ -119,7 +126,9 @@ impl PullError {
             PullError::Denied { .. } => "denied",
             PullError::NotFound { .. } | PullError::NoPlatform { .. } => "not_found",
             PullError::Mismatch { .. } => "data_loss",
-            PullError::Unreachable { .. } | PullError::Throttled { .. } => "unavailable",
+            PullError::Unreachable { .. }
+            | PullError::Throttled { .. }
+            | PullError::Stalled { .. } => "unavailable",
             PullError::Deadline { .. } => "deadline",
             PullError::Unsupported { .. } | PullError::Config { .. } => "unsupported",
             PullError::Auth(err) if err.is_transient() => "unavailable",
@@ -142,7 +151,9 @@ impl PullError {
     /// Worth another attempt: the registry was unreachable, overloaded or failing (5xx, 429).
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
-            PullError::Unreachable { .. } | PullError::Throttled { .. } => true,
+            PullError::Unreachable { .. }
+            | PullError::Throttled { .. }
+            | PullError::Stalled { .. } => true,
             PullError::Auth(err) => err.is_transient(),
             _ => false,
         }
@@ -210,6 +221,8 @@ pub(crate) struct Puller {
     /// One fetch per blob digest at a time: pulls of different tags of one image share blobs.
     blob_locks: Arc<KeyedLocks>,
     settings: Arc<RegistrySettings>,
+    /// `max_bytes_per_second`, shared by every download of every pull.
+    bandwidth: Arc<bandwidth::Bandwidth>,
     deadline: Duration,
     metrics: SharedMetrics,
 }
@@ -227,6 +240,7 @@ impl Puller {
             authenticator,
             blob_locks: Arc::default(),
             http: settings.http_client()?,
+            bandwidth: Arc::new(bandwidth::Bandwidth::new(settings.max_bytes_per_second)),
             settings: Arc::new(settings),
             deadline,
             metrics,
