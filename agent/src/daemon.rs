@@ -142,7 +142,8 @@ pub async fn run(
     )
     .with_access_check_ttl(Duration::from_secs(
         config.security.access_check_ttl_seconds,
-    ));
+    ))
+    .with_max_concurrent_pulls(config.registry.max_concurrent_pulls);
     let tasks = TaskTracker::new();
     let metrics_stop = CancellationToken::new();
     if !config.metrics_listen.is_empty() {

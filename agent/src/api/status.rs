@@ -57,6 +57,7 @@ fn run_code(err: &RunError) -> Code {
         RunError::Containerd { source, .. } | RunError::Prune { source, .. } => {
             containerd_code(source)
         }
+        RunError::Cancelled { .. } => Code::Cancelled,
         RunError::Log { .. } => Code::Internal,
     }
 }
@@ -197,6 +198,15 @@ mod tests {
                 PullError::Deadline { image: "x".into() }.into(),
                 Code::DeadlineExceeded,
             ),
+            (
+                PullError::Stalled {
+                    registry: "r".into(),
+                    stalled_for: std::time::Duration::from_secs(60),
+                }
+                .into(),
+                Code::Unavailable,
+            ),
+            (RunError::Cancelled { image: "x".into() }, Code::Cancelled),
             (
                 RunError::NameTaken {
                     project: "p".into(),

@@ -185,6 +185,11 @@ fn secret_suffix(secret: &Option<String>) -> String {
 /// Progress of one pull, for PullImage's stream.
 #[derive(Debug, Clone)]
 pub(crate) enum PullProgress {
+    /// The pull waits for a turn (`max_concurrent_pulls`); `position` 1 is next.
+    Queued {
+        image: String,
+        position: u32,
+    },
     Resolved {
         image: String,
         digest: String,
