@@ -25,9 +25,11 @@ use crate::pull::{PullError, PullProgress, PulledImage, Puller};
 use crate::secret::{SecretError, SecretId, SecretStore, StoredSecret};
 use crate::spec::{self, SpecError, SpecInput};
 
+mod gc;
 mod prune;
 mod queue;
 
+pub(crate) use gc::GcSettings;
 use queue::{PullQueue, PullTurn};
 
 const LABEL_PROJECT: &str = "berth.dev/project";
@@ -90,6 +92,12 @@ pub(crate) enum RunError {
     },
     #[error("the order was cancelled while the pull of {image} waited for its turn")]
     Cancelled { image: String },
+    #[error("measuring the disk use of {path}")]
+    DiskUse {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("preparing the log file {path}")]
     Log {
         path: PathBuf,
@@ -182,6 +190,8 @@ pub(crate) struct Runner {
     access_checks: Arc<AccessChecks>,
     /// `max_concurrent_pulls`: the host's pull queue.
     pull_queue: Arc<PullQueue>,
+    /// How stale an image's `berth.dev/last-used` may get before an order refreshes it.
+    touch_every: Duration,
 }
 
 impl Runner {
@@ -204,7 +214,14 @@ impl Runner {
             metrics,
             access_checks: Arc::default(),
             pull_queue: Arc::default(),
+            touch_every: Duration::from_secs(60),
         }
+    }
+
+    /// Images' last use is recorded finely enough for `[gc]`'s `min_age_seconds`.
+    pub(crate) fn with_image_gc(mut self, settings: &GcSettings) -> Self {
+        self.touch_every = settings.touch_every();
+        self
     }
 
     /// At most `max` image pulls at once (0 = no limit); more wait their turn in order.
@@ -271,6 +288,8 @@ impl Runner {
         // a pull nor a prune can take the image out from under this order; orders for a present
         // image go on side by side.
         let (image, image_guard) = self.ensure_image(&order, secret.as_ref(), &cancel).await?;
+        // Under the image's read lock: the GC sees this use before it may remove the image.
+        self.note_use(&image.name, image.last_used).await;
 
         let spec = spec::build(&SpecInput {
             container_id: &id,

@@ -58,7 +58,7 @@ fn run_code(err: &RunError) -> Code {
             containerd_code(source)
         }
         RunError::Cancelled { .. } => Code::Cancelled,
-        RunError::Log { .. } => Code::Internal,
+        RunError::Log { .. } | RunError::DiskUse { .. } => Code::Internal,
     }
 }
 

@@ -40,6 +40,16 @@ const MAX_DOCUMENT: u64 = 4 << 20;
 pub(crate) const LABEL_MANIFEST: &str = "berth.dev/manifest";
 /// Image label: "true" when the image was pulled with a credential.
 pub(crate) const LABEL_PRIVATE: &str = "berth.dev/private";
+/// Image label: unix seconds of the image's last pull or use by an order (see `run::gc`).
+pub(crate) const LABEL_LAST_USED: &str = "berth.dev/last-used";
+
+/// Unix seconds now, for [`LABEL_LAST_USED`].
+pub(crate) fn unix_seconds_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
 
 /// A failed pull. Messages name the image, registry, repository and secret id, never material.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +225,8 @@ pub(crate) struct PulledImage {
     pub(crate) config: oci_spec::image::ImageConfiguration,
     pub(crate) top_chain_id: String,
     pub(crate) private: bool,
+    /// [`LABEL_LAST_USED`] as the record had it (now, for a fresh pull); None without one.
+    pub(crate) last_used: Option<u64>,
 }
 
 /// Pulls images into one containerd namespace.
@@ -438,6 +450,7 @@ impl Puller {
             config,
             top_chain_id,
             private,
+            last_used: Some(unix_seconds_now()),
         })
     }
 
@@ -551,6 +564,7 @@ impl Puller {
         let image_labels = HashMap::from([
             (LABEL_MANIFEST.to_owned(), stored.manifest_digest.to_owned()),
             (LABEL_PRIVATE.to_owned(), stored.private.to_string()),
+            (LABEL_LAST_USED.to_owned(), unix_seconds_now().to_string()),
         ]);
         let top_size = i64::try_from(top_bytes.len()).unwrap_or(i64::MAX);
         self.containerd
@@ -675,6 +689,10 @@ impl Puller {
             .labels
             .get(LABEL_PRIVATE)
             .is_none_or(|v| v != "false");
+        let last_used = record
+            .labels
+            .get(LABEL_LAST_USED)
+            .and_then(|seconds| seconds.parse().ok());
         let Some(bytes) = self
             .read_document(&manifest_digest)
             .await
@@ -720,6 +738,7 @@ impl Puller {
             config,
             top_chain_id,
             private,
+            last_used,
         }))
     }
 
