@@ -8,6 +8,7 @@
 
 mod bandwidth;
 mod concurrency;
+mod gc;
 mod idempotency;
 mod prune;
 mod pull_faults;
