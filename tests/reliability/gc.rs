@@ -120,7 +120,12 @@ async fn gc_removes_least_recently_used_images_down_to_the_low_watermark() -> an
     // An order uses `touched` (and its container goes again): its last use is now.
     let touched = env
         .run_to_completion(&references["touched"], &secret)
-        .await?;
+        .await
+        .map_err(|err| {
+            let log = env.containerd.log_text();
+            let tail = log.get(log.len().saturating_sub(4000)..).unwrap_or(&log);
+            anyhow::anyhow!("{err:#}\ncontainerd log:\n{tail}")
+        })?;
     env.berthd
         .agent()
         .await?

@@ -114,22 +114,38 @@ impl Containerd {
         super::ignore_not_found(result)
     }
 
-    /// Sets (only) the given labels on an image record; an absent image is success.
+    /// Sets (only) the given labels on an image record; an absent image is success. The record
+    /// is read first and sent whole: containerd 2.x's images.update dereferences the target
+    /// before it looks at the field mask (an update without one crashed containerd 2.1).
     pub(crate) async fn update_image_labels(
         &self,
         name: &str,
         labels: HashMap<String, String>,
     ) -> Result<(), ContainerdError> {
+        let found = self
+            .images()
+            .get(self.request(
+                GetImageRequest {
+                    name: name.to_owned(),
+                },
+                None,
+            ))
+            .await;
+        let mut image = match found {
+            Ok(reply) => match reply.into_inner().image {
+                Some(image) => image,
+                None => return Ok(()),
+            },
+            Err(status) if status.code() == tonic::Code::NotFound => return Ok(()),
+            Err(status) => return Err(ContainerdError::rpc("images.get")(status)),
+        };
         let paths = labels.keys().map(|key| format!("labels.{key}")).collect();
+        image.labels.extend(labels);
         let result = self
             .images()
             .update(self.request(
                 UpdateImageRequest {
-                    image: Some(Image {
-                        name: name.to_owned(),
-                        labels,
-                        ..Default::default()
-                    }),
+                    image: Some(image),
                     update_mask: Some(prost_types::FieldMask { paths }),
                     source_date_epoch: None,
                 },
