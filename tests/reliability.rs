@@ -6,11 +6,15 @@
 //! Measured figures (bytes re-fetched after a cut, fetch counts, timings) are printed with a
 //! `[measure]` prefix; run with `--nocapture` to see them.
 
+mod bandwidth;
 mod concurrency;
+mod gc;
 mod idempotency;
 mod prune;
 mod pull_faults;
+mod pull_limits;
 mod restarts;
+mod stall;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -56,13 +60,24 @@ impl FaultEnv {
     }
 
     async fn start_with(kind: RegistryKind, registry_toml: &str) -> anyhow::Result<Self> {
+        Self::start_configured(
+            kind,
+            BerthdOptions {
+                registry_toml: registry_toml.to_owned(),
+                ..BerthdOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Self::start_with`], berthd configured with `options` (the proxy joins its `plain_http`).
+    async fn start_configured(
+        kind: RegistryKind,
+        mut options: BerthdOptions,
+    ) -> anyhow::Result<Self> {
         let mut env = Env::start(kind).await?;
         let proxy = FaultProxy::start(&env.ca, env.registry.addr()).await?;
-        let options = BerthdOptions {
-            plain_http: vec![proxy.addr().to_owned()],
-            registry_toml: registry_toml.to_owned(),
-            ..BerthdOptions::default()
-        };
+        options.plain_http.push(proxy.addr().to_owned());
         // The env's own berthd knows nothing of the proxy: replace it.
         env.berthd = Berthd::start(&env.containerd, &env.ca, &options).await?;
         let secret = env
@@ -129,6 +144,24 @@ impl FaultEnv {
         }
         Ok((exited, took))
     }
+}
+
+/// berthd options with `registry_toml` and metrics on a free loopback port; returns them and
+/// the metrics address.
+fn with_metrics(registry_toml: &str) -> anyhow::Result<(BerthdOptions, String)> {
+    let addr = format!("127.0.0.1:{}", crate::harness::free_local_port()?);
+    let options = BerthdOptions {
+        registry_toml: registry_toml.to_owned(),
+        top_level_toml: format!("metrics_listen = \"{addr}\"\n"),
+        ..BerthdOptions::default()
+    };
+    Ok((options, addr))
+}
+
+/// One sample of berthd's metrics at `addr`; 0 when it has none (yet).
+async fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    let (_, exposition) = crate::harness::exposition::scrape(addr).await?;
+    Ok(exposition.value(name, labels).unwrap_or(0.0))
 }
 
 /// The proxy's request log, one line per request, for assertion messages.

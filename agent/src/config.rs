@@ -40,6 +40,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub access: Vec<AccessConfig>,
     pub security: SecurityConfig,
+    pub gc: GcConfig,
 }
 
 impl Default for Config {
@@ -57,6 +58,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             access: Vec::new(),
             security: SecurityConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }
@@ -217,6 +219,12 @@ pub struct RegistryConfig {
     pub read_timeout_seconds: u64,
     pub pull_deadline_seconds: u64,
     pub retries: u32,
+    /// A blob download that receives no byte for this long is cut and resumed; 0 = off.
+    pub stall_timeout_seconds: u64,
+    /// Image pulls at once on this host; 0 = no limit.
+    pub max_concurrent_pulls: usize,
+    /// Download bandwidth of all pulls together; 0 = no limit.
+    pub max_bytes_per_second: u64,
     pub mirror: Vec<MirrorConfig>,
 }
 
@@ -230,6 +238,9 @@ impl Default for RegistryConfig {
             read_timeout_seconds: 30,
             pull_deadline_seconds: 3600,
             retries: 5,
+            stall_timeout_seconds: 60,
+            max_concurrent_pulls: 0,
+            max_bytes_per_second: 0,
             mirror: Vec::new(),
         }
     }
@@ -266,6 +277,64 @@ impl Default for SecurityConfig {
         Self {
             access_check_ttl_seconds: 300,
         }
+    }
+}
+
+/// `[gc]`: automatic removal of unused images under disk pressure.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    pub enabled: bool,
+    /// The filesystem whose use is measured (containerd's root).
+    pub path: PathBuf,
+    pub high_percent: u8,
+    pub low_percent: u8,
+    pub min_age_seconds: u64,
+    pub interval_seconds: u64,
+    /// Globs on image references that are never removed.
+    pub pinned: Vec<String>,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: PathBuf::from("/var/lib/containerd"),
+            high_percent: 85,
+            low_percent: 80,
+            min_age_seconds: 300,
+            interval_seconds: 60,
+            pinned: Vec::new(),
+        }
+    }
+}
+
+impl GcConfig {
+    /// `low_percent < high_percent <= 100`, a positive interval, an absolute path, and
+    /// pinned globs that are not empty.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.high_percent == 0 || self.high_percent > 100 {
+            return Err(invalid("gc.high_percent", "must be between 1 and 100"));
+        }
+        if self.low_percent >= self.high_percent {
+            return Err(ConfigError::Invalid {
+                key: "gc.low_percent",
+                reason: format!(
+                    "must be below gc.high_percent ({}), got {}",
+                    self.high_percent, self.low_percent
+                ),
+            });
+        }
+        if self.interval_seconds == 0 {
+            return Err(invalid("gc.interval_seconds", "must be at least 1"));
+        }
+        if !self.path.is_absolute() {
+            return Err(invalid("gc.path", "must be an absolute path"));
+        }
+        if self.pinned.iter().any(|glob| glob.trim().is_empty()) {
+            return Err(invalid("gc.pinned", "a pattern must not be empty"));
+        }
+        Ok(())
     }
 }
 
@@ -372,7 +441,8 @@ impl Config {
                 "counts attempts and must be at least 1",
             ));
         }
-        self.validate_mirrors()
+        self.validate_mirrors()?;
+        self.gc.validate()
     }
 
     /// `[[registry.mirror]]`: upstream a registry host, endpoint an http(s) URL, no endpoint
@@ -572,6 +642,58 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn host_protection_keys_default_and_parse() {
+        let config = parse("").unwrap();
+        assert_eq!(config.registry.stall_timeout_seconds, 60);
+        assert_eq!(config.registry.max_concurrent_pulls, 0);
+        assert_eq!(config.registry.max_bytes_per_second, 0);
+        assert!(!config.gc.enabled);
+        assert_eq!(config.gc.path, PathBuf::from("/var/lib/containerd"));
+        assert_eq!((config.gc.high_percent, config.gc.low_percent), (85, 80));
+        assert_eq!(config.gc.min_age_seconds, 300);
+        assert_eq!(config.gc.interval_seconds, 60);
+        assert!(config.gc.pinned.is_empty());
+        let config = parse(
+            "[registry]\nstall_timeout_seconds = 0\nmax_concurrent_pulls = 2\nmax_bytes_per_second = 4194304\n\
+             [gc]\nenabled = true\npath = \"/srv/containerd\"\nhigh_percent = 90\nlow_percent = 70\n\
+             pinned = [\"registry.example.com/base/**\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.registry.stall_timeout_seconds, 0);
+        assert_eq!(config.registry.max_concurrent_pulls, 2);
+        assert_eq!(config.registry.max_bytes_per_second, 4 << 20);
+        assert!(config.gc.enabled);
+        assert_eq!(config.gc.pinned, ["registry.example.com/base/**"]);
+    }
+
+    #[test]
+    fn the_example_config_parses_to_the_defaults() {
+        let example = parse(include_str!("../../config/berthd.toml")).unwrap();
+        let defaults = parse("").unwrap();
+        assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn gc_watermarks_are_checked_naming_the_key() {
+        for (body, key) in [
+            ("high_percent = 80\nlow_percent = 80\n", "gc.low_percent"),
+            ("high_percent = 50\nlow_percent = 60\n", "gc.low_percent"),
+            ("high_percent = 101\n", "gc.high_percent"),
+            ("high_percent = 0\nlow_percent = 0\n", "gc.high_percent"),
+            ("interval_seconds = 0\n", "gc.interval_seconds"),
+            ("path = \"var/lib/containerd\"\n", "gc.path"),
+            ("pinned = [\"\"]\n", "gc.pinned"),
+        ] {
+            let err = parse(&format!("[gc]\n{body}")).unwrap_err();
+            assert!(err.to_string().contains(key), "{body:?}: {err}");
+        }
+        parse("[gc]\nhigh_percent = 100\nlow_percent = 0\n").unwrap();
+        // A percentage past 255 does not fit the type: a parse error naming the key.
+        let err = parse("[gc]\nhigh_percent = 300\n").unwrap_err();
+        assert!(err.to_string().contains("high_percent"), "{err}");
     }
 
     #[test]

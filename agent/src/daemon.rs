@@ -22,7 +22,7 @@ use crate::containerd::{Containerd, MINIMUM_VERSION};
 use crate::health::Health;
 use crate::metrics::SharedMetrics;
 use crate::pull::{Puller, RegistrySettings};
-use crate::run::Runner;
+use crate::run::{GcSettings, Runner};
 use crate::secret::SecretStore;
 
 /// How long in-flight orders may run on after a shutdown signal.
@@ -113,6 +113,9 @@ pub async fn run(
         read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
         max_concurrent_downloads: config.registry.max_concurrent_downloads,
         retries: config.registry.retries,
+        stall_timeout: (config.registry.stall_timeout_seconds > 0)
+            .then(|| Duration::from_secs(config.registry.stall_timeout_seconds)),
+        max_bytes_per_second: config.registry.max_bytes_per_second,
         mirrors: crate::pull::mirror::Mirror::from_config(&config.registry.mirror),
     };
     let containerd = Containerd::new(
@@ -139,8 +142,25 @@ pub async fn run(
     )
     .with_access_check_ttl(Duration::from_secs(
         config.security.access_check_ttl_seconds,
-    ));
+    ))
+    .with_max_concurrent_pulls(config.registry.max_concurrent_pulls);
+    let gc = config.gc.enabled.then(|| GcSettings {
+        path: config.gc.path.clone(),
+        high_percent: config.gc.high_percent,
+        low_percent: config.gc.low_percent,
+        min_age: Duration::from_secs(config.gc.min_age_seconds),
+        interval: Duration::from_secs(config.gc.interval_seconds),
+        pinned: config.gc.pinned.clone(),
+    });
+    let runner = match &gc {
+        Some(settings) => runner.with_image_gc(settings),
+        None => runner,
+    };
     let tasks = TaskTracker::new();
+    let gc_stop = CancellationToken::new();
+    if let Some(settings) = gc {
+        tasks.spawn(runner.clone().image_gc_loop(settings, gc_stop.clone()));
+    }
     let metrics_stop = CancellationToken::new();
     if !config.metrics_listen.is_empty() {
         serve_metrics(
@@ -233,6 +253,7 @@ pub async fn run(
     .ok();
     info!("api closed; waiting for in-flight orders");
     metrics_stop.cancel();
+    gc_stop.cancel();
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
         .await

@@ -59,6 +59,12 @@ pub(crate) struct Metrics {
     pub(crate) pulls_in_flight: Gauge,
     pub(crate) containers: Family<StateLabels, Gauge>,
     pub(crate) mirror_pulls: Family<MirrorLabels, Counter>,
+    /// Blob downloads cut by the stall timer (`stall_timeout_seconds`).
+    pub(crate) download_stalls: Family<RegistryLabels, Counter>,
+    /// Image pulls waiting for a turn (`max_concurrent_pulls`).
+    pub(crate) pulls_queued: Gauge,
+    /// Images removed by the automatic image GC (`[gc]`).
+    pub(crate) gc_removed_images: Counter,
     /// 1 for the version of the containerd berthd last reached; no sample before that.
     containerd_info: Family<VersionLabels, Gauge>,
 }
@@ -78,6 +84,9 @@ impl Default for Metrics {
         let containers = Family::<StateLabels, Gauge>::default();
         let mirror_pulls = Family::<MirrorLabels, Counter>::default();
         let containerd_info = Family::<VersionLabels, Gauge>::default();
+        let download_stalls = Family::<RegistryLabels, Counter>::default();
+        let pulls_queued = Gauge::default();
+        let gc_removed_images = Counter::default();
         registry.register(
             "berth_pulls",
             "Image pulls by result and registry",
@@ -128,6 +137,21 @@ impl Default for Metrics {
             "The version of the containerd berthd talks to (value 1)",
             containerd_info.clone(),
         );
+        registry.register(
+            "berth_download_stalls",
+            "Blob downloads that received nothing for stall_timeout_seconds and were resumed",
+            download_stalls.clone(),
+        );
+        registry.register(
+            "berth_pulls_queued",
+            "Image pulls waiting for a turn under max_concurrent_pulls",
+            pulls_queued.clone(),
+        );
+        registry.register(
+            "berth_gc_removed_images",
+            "Images removed by the automatic image GC under disk pressure",
+            gc_removed_images.clone(),
+        );
         Self {
             registry,
             pulls,
@@ -139,6 +163,9 @@ impl Default for Metrics {
             pulls_in_flight,
             containers,
             mirror_pulls,
+            download_stalls,
+            pulls_queued,
+            gc_removed_images,
             containerd_info,
         }
     }
@@ -200,6 +227,14 @@ mod tests {
                 registry: "r:5000".into(),
             })
             .inc_by(10);
+        metrics
+            .download_stalls
+            .get_or_create(&RegistryLabels {
+                registry: "r:5000".into(),
+            })
+            .inc();
+        metrics.pulls_queued.set(3);
+        metrics.gc_removed_images.inc();
         metrics.containerd_version("1.6.20~ds1");
         metrics.containerd_version("2.1.9");
         let text = metrics.encode();
@@ -212,6 +247,9 @@ mod tests {
             "# TYPE berth_start_duration_seconds histogram",
             "berth_pull_bytes_total{registry=\"r:5000\"} 10",
             "berth_containerd_info{version=\"2.1.9\"} 1",
+            "berth_download_stalls_total{registry=\"r:5000\"} 1",
+            "berth_pulls_queued 3",
+            "berth_gc_removed_images_total 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -11,6 +11,7 @@ use oci_client::secrets::RegistryAuth;
 use sha2::{Digest as _, Sha256};
 use std::future::Future;
 use tokio::sync::{mpsc, OwnedRwLockReadGuard};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
 use crate::auth::{AuthError, Authenticator};
@@ -24,7 +25,12 @@ use crate::pull::{PullError, PullProgress, PulledImage, Puller};
 use crate::secret::{SecretError, SecretId, SecretStore, StoredSecret};
 use crate::spec::{self, SpecError, SpecInput};
 
+mod gc;
 mod prune;
+mod queue;
+
+pub(crate) use gc::GcSettings;
+use queue::{PullQueue, PullTurn};
 
 const LABEL_PROJECT: &str = "berth.dev/project";
 const LABEL_NAME: &str = "berth.dev/name";
@@ -83,6 +89,14 @@ pub(crate) enum RunError {
         image: String,
         #[source]
         source: ContainerdError,
+    },
+    #[error("the order was cancelled while the pull of {image} waited for its turn")]
+    Cancelled { image: String },
+    #[error("measuring the disk use of {path}")]
+    DiskUse {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("preparing the log file {path}")]
     Log {
@@ -174,6 +188,10 @@ pub(crate) struct Runner {
     image_locks: Arc<KeyedRwLocks>,
     metrics: SharedMetrics,
     access_checks: Arc<AccessChecks>,
+    /// `max_concurrent_pulls`: the host's pull queue.
+    pull_queue: Arc<PullQueue>,
+    /// How stale an image's `berth.dev/last-used` may get before an order refreshes it.
+    touch_every: Duration,
 }
 
 impl Runner {
@@ -195,7 +213,21 @@ impl Runner {
             image_locks: Arc::default(),
             metrics,
             access_checks: Arc::default(),
+            pull_queue: Arc::default(),
+            touch_every: Duration::from_secs(60),
         }
+    }
+
+    /// Images' last use is recorded finely enough for `[gc]`'s `min_age_seconds`.
+    pub(crate) fn with_image_gc(mut self, settings: &GcSettings) -> Self {
+        self.touch_every = settings.touch_every();
+        self
+    }
+
+    /// At most `max` image pulls at once (0 = no limit); more wait their turn in order.
+    pub(crate) fn with_max_concurrent_pulls(mut self, max: usize) -> Self {
+        self.pull_queue = Arc::new(PullQueue::new(max));
+        self
     }
 
     /// How long a positive access check of a cached private image is reused.
@@ -216,8 +248,14 @@ impl Runner {
     }
 
     /// Starts the container an order asks for; the same order again returns the same container.
+    /// `cancel` (the client went away) takes the order out of the pull queue while it waits
+    /// there; nothing else stops it.
     #[instrument(skip_all, fields(order_id = %order.order_id, project = %order.project, name = %order.name))]
-    pub(crate) async fn start(&self, order: Order) -> Result<ContainerView, RunError> {
+    pub(crate) async fn start(
+        &self,
+        order: Order,
+        cancel: CancellationToken,
+    ) -> Result<ContainerView, RunError> {
         let received = tokio::time::Instant::now();
         let _order_guard = self.locks.lock(format!("order/{}", order.order_id)).await;
         if let Some(existing) = self.find_order(&order).await? {
@@ -249,7 +287,9 @@ impl Runner {
         // A read lock on the image, held until the container record references it, so neither
         // a pull nor a prune can take the image out from under this order; orders for a present
         // image go on side by side.
-        let (image, image_guard) = self.ensure_image(&order, secret.as_ref()).await?;
+        let (image, image_guard) = self.ensure_image(&order, secret.as_ref(), &cancel).await?;
+        // Under the image's read lock: the GC sees this use before it may remove the image.
+        self.note_use(&image.name, image.last_used).await;
 
         let spec = spec::build(&SpecInput {
             container_id: &id,
@@ -353,7 +393,8 @@ impl Runner {
             })
     }
 
-    /// Pulls `image` for `project` with an optional secret, reporting progress.
+    /// Pulls `image` for `project` with an optional secret, reporting progress. `cancel` takes
+    /// the pull out of the queue while it waits there.
     #[instrument(skip_all, fields(project = %project, image = %image))]
     pub(crate) async fn pull(
         &self,
@@ -361,12 +402,14 @@ impl Runner {
         image: &ImageRef,
         pull_secret: Option<&str>,
         progress: mpsc::Sender<PullProgress>,
+        cancel: CancellationToken,
     ) -> Result<PulledImage, RunError> {
         let secret = self.load_secret(project, pull_secret).await?;
         let secret_id = secret.as_ref().map(|s| s.meta.id.to_string());
         // One pull per image at a time: a start order for the same image waits and then finds
         // it present, instead of downloading the same blobs beside this pull.
         let _pull_guard = self.locks.lock(pull_lock(image)).await;
+        let _turn = self.turn(image, Some(&progress), &cancel).await?;
         let _image_guard = self.image_locks.write(image_lock(image)).await;
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
         self.puller
@@ -392,6 +435,7 @@ impl Runner {
         &self,
         order: &Order,
         secret: Option<&StoredSecret>,
+        cancel: &CancellationToken,
     ) -> Result<(PulledImage, OwnedRwLockReadGuard<()>), RunError> {
         let image_ref = &order.image;
         if order.pull_policy != PullPolicy::Always {
@@ -414,25 +458,30 @@ impl Runner {
                 return Ok((image, guard));
             }
         }
-        self.pull_for_order(order, secret).await
+        self.pull_for_order(order, secret, cancel).await
     }
 
     /// Pulls the order's image under the image's write lock (unless, with `IF_NOT_PRESENT`,
     /// another pull brought it meanwhile) and returns it with that lock downgraded to a read
-    /// lock.
+    /// lock. The pull waits for its turn (`max_concurrent_pulls`) inside the image's pull
+    /// mutex, so orders for an image already queued or pulling wait on that flight instead.
     async fn pull_for_order(
         &self,
         order: &Order,
         secret: Option<&StoredSecret>,
+        cancel: &CancellationToken,
     ) -> Result<(PulledImage, OwnedRwLockReadGuard<()>), RunError> {
         let image_ref = &order.image;
         let _pull_guard = self.locks.lock(pull_lock(image_ref)).await;
-        let guard = self.image_locks.write(image_lock(image_ref)).await;
         if order.pull_policy != PullPolicy::Always {
+            // Held from here on, the pull mutex keeps any other pull of this image out.
+            let guard = self.image_locks.read(image_lock(image_ref)).await;
             if let Some(image) = self.cached_image(order, secret).await? {
-                return Ok((image, guard.downgrade()));
+                return Ok((image, guard));
             }
         }
+        let _turn = self.turn(image_ref, None, cancel).await?;
+        let guard = self.image_locks.write(image_lock(image_ref)).await;
         let secret_id = secret.map(|s| s.meta.id.to_string());
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
         let image = self
@@ -453,6 +502,37 @@ impl Runner {
             })
             .await?;
         Ok((image, guard.downgrade()))
+    }
+
+    /// Waits for a pull turn (`max_concurrent_pulls`); PullImage's stream hears `queued` first
+    /// when the pull has to wait.
+    async fn turn(
+        &self,
+        image: &ImageRef,
+        progress: Option<&mpsc::Sender<PullProgress>>,
+        cancel: &CancellationToken,
+    ) -> Result<PullTurn, RunError> {
+        self.pull_queue
+            .turn(&self.metrics, cancel, |position| async move {
+                info!(image = %image, position, "pull queued; waiting for a turn");
+                if let Some(progress) = progress {
+                    // A client that stopped listening is noticed through `cancel`.
+                    progress
+                        .send(PullProgress::Queued {
+                            image: image.to_string(),
+                            position,
+                        })
+                        .await
+                        .ok();
+                }
+            })
+            .await
+            .map_err(|_| {
+                info!(image = %image, "order cancelled while its pull was queued");
+                RunError::Cancelled {
+                    image: image.to_string(),
+                }
+            })
     }
 
     /// The order's image if containerd has it whole and, for a private image, the registry

@@ -46,10 +46,21 @@ impl Containerd {
 
     /// Starts the containerd of `build` and waits until `ctr version` answers.
     pub async fn start_build(build: &Build) -> anyhow::Result<Self> {
+        Self::start_build_with_root(build, None).await
+    }
+
+    /// Starts containerd (the build of this run) with its root (content store, snapshots,
+    /// metadata) at `root`, e.g. a small tmpfs, instead of under its temp dir.
+    pub async fn start_with_root(root: &Path) -> anyhow::Result<Self> {
+        Self::start_build_with_root(Build::current()?, Some(root)).await
+    }
+
+    async fn start_build_with_root(build: &Build, root: Option<&Path>) -> anyhow::Result<Self> {
         let dir = temp_dir("containerd")?;
         let socket = dir.path().join("containerd.sock");
         let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config_toml(build, dir.path(), &socket))
+        let root = root.map_or_else(|| dir.path().join("root"), Path::to_owned);
+        std::fs::write(&config_path, config_toml(build, dir.path(), &root, &socket))
             .with_context(|| format!("writing {}", config_path.display()))?;
         let mut command = build.command("containerd");
         command.arg("--config").arg(&config_path);
@@ -230,8 +241,9 @@ fn unescape_mount_path(field: &str) -> String {
     path
 }
 
-fn config_toml(build: &Build, dir: &Path, socket: &Path) -> String {
+fn config_toml(build: &Build, dir: &Path, root: &Path, socket: &Path) -> String {
     let dir = dir.display();
+    let root = root.display();
     let socket = socket.display();
     // 2.x reads version 3 (it migrates version 2 with a warning); its CRI is three plugins, and
     // its NRI (on by default) would share /var/run/nri/nri.sock between the tests' containerds.
@@ -248,7 +260,7 @@ fn config_toml(build: &Build, dir: &Path, socket: &Path) -> String {
     };
     format!(
         r#"version = {version}
-root = "{dir}/root"
+root = "{root}"
 state = "{dir}/state"
 disabled_plugins = [{disabled}]
 

@@ -87,6 +87,23 @@ impl Env {
     }
 
     pub async fn start_with(kind: RegistryKind, options: EnvOptions) -> anyhow::Result<Self> {
+        Self::start_on(kind, options, None).await
+    }
+
+    /// [`Self::start_with`] on a containerd the test started itself (one with its root on a
+    /// small filesystem, say).
+    pub async fn start_with_containerd(
+        kind: RegistryKind,
+        containerd: Containerd,
+    ) -> anyhow::Result<Self> {
+        Self::start_on(kind, EnvOptions::default(), Some(containerd)).await
+    }
+
+    async fn start_on(
+        kind: RegistryKind,
+        options: EnvOptions,
+        containerd: Option<Containerd>,
+    ) -> anyhow::Result<Self> {
         let ca = TestCa::generate()?;
         let user = RegistryUser::generate("berth-user");
         let pusher = RegistryUser::generate("berth-pusher");
@@ -135,8 +152,14 @@ impl Env {
                 None => Ok(None),
             }
         };
+        let containerd = async {
+            match containerd {
+                Some(containerd) => Ok(containerd),
+                None => Containerd::start().await,
+            }
+        };
         let (containerd, registry, acr, gar_registry) =
-            tokio::try_join!(Containerd::start(), registry, acr, gar_registry)?;
+            tokio::try_join!(containerd, registry, acr, gar_registry)?;
         let gar = match (gar_registry, google) {
             (Some(registry), Some(google)) => Some(GarRegistry {
                 front: ServicelessFront::start(&ca, registry.addr()).await?,

@@ -13,7 +13,8 @@
 //! - [`Fault::StallHeaders`]: hold the request before any response header (then answer 504);
 //! - [`Fault::IgnoreRange`]: drop the `Range` header, so the registry answers 200 with the whole
 //!   blob;
-//! - [`Fault::Throttle`]: forward the body at a fixed rate.
+//! - [`Fault::Throttle`]: forward the body at a fixed rate;
+//! - [`Fault::Trickle`]: forward the body a few bytes at a time, once a second.
 //!
 //! Every request is recorded ([`RequestRecord`]): method, path, the `Range` it carried, the status
 //! answered, the fault applied, and the body bytes actually handed to the connection, so tests
@@ -89,6 +90,9 @@ pub enum Fault {
     IgnoreRange,
     /// Forward, sending the body at this many bytes per second.
     Throttle { bytes_per_second: u64 },
+    /// Forward, sending `bytes_per_second` bytes of the body once a second: a connection that
+    /// never goes quiet for more than a second, yet gets nowhere.
+    Trickle { bytes_per_second: u64 },
 }
 
 impl Fault {
@@ -436,6 +440,8 @@ struct Plan {
     stop_at: usize,
     stop: Stop,
     bytes_per_second: Option<u64>,
+    /// Size of the pieces handed to the connection.
+    piece: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -451,6 +457,7 @@ impl Plan {
             stop_at: len,
             stop: Stop::Cut,
             bytes_per_second: None,
+            piece: PIECE,
         };
         match fault {
             Some(Fault::CutAfter(bytes)) => Self {
@@ -464,6 +471,11 @@ impl Plan {
             },
             Some(Fault::Throttle { bytes_per_second }) => Self {
                 bytes_per_second: Some(bytes_per_second.max(1)),
+                ..whole
+            },
+            Some(Fault::Trickle { bytes_per_second }) => Self {
+                bytes_per_second: Some(bytes_per_second.max(1)),
+                piece: usize::try_from(bytes_per_second.max(1)).unwrap_or(PIECE),
                 ..whole
             },
             _ => whole,
@@ -487,7 +499,7 @@ impl Feed {
             return None;
         }
         if self.position < self.plan.stop_at {
-            let end = (self.position + PIECE).min(self.plan.stop_at);
+            let end = (self.position + self.plan.piece).min(self.plan.stop_at);
             let piece = self.data.slice(self.position..end);
             if let Some(rate) = self.plan.bytes_per_second {
                 let seconds = piece.len() as f64 / rate as f64;

@@ -59,6 +59,7 @@ pub mod proxy;
 pub mod recorder;
 pub mod registry;
 pub mod server;
+pub mod tmpfs;
 pub mod token_server;
 pub mod wait;
 

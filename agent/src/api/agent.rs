@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, Instrument as _};
@@ -65,11 +66,14 @@ impl pb::agent_server::Agent for AgentService {
             )));
         }
         info!(project = %order.project, name = %order.name, image = %order.image, "start order received");
-        // The order runs to completion even if the caller goes away, so nothing is half-done.
+        // The order runs to completion even if the caller goes away, so nothing is half-done;
+        // only an order still queued for a pull turn leaves the queue then.
         let runner = self.runner.clone();
+        let cancel = CancellationToken::new();
+        let _cancel_when_caller_leaves = cancel.clone().drop_guard();
         let work = self
             .tasks
-            .spawn(async move { runner.start(order).await }.in_current_span());
+            .spawn(async move { runner.start(order, cancel).await }.in_current_span());
         let view = work
             .await
             .map_err(|_| Status::internal("order task failed"))??;
@@ -102,8 +106,25 @@ impl pb::agent_server::Agent for AgentService {
                             .ok();
                     }
                 };
-                let pull = runner.pull(&project, &image, pull_secret.as_deref(), progress);
-                let (result, ()) = tokio::join!(pull, forward);
+                // A client that goes away takes a queued pull out of the queue; a pull that has
+                // its turn runs to the end.
+                let cancel = CancellationToken::new();
+                let pull = runner.pull(
+                    &project,
+                    &image,
+                    pull_secret.as_deref(),
+                    progress,
+                    cancel.clone(),
+                );
+                let work = async { tokio::join!(pull, forward) };
+                tokio::pin!(work);
+                let (result, ()) = tokio::select! {
+                    done = &mut work => done,
+                    () = events.closed() => {
+                        cancel.cancel();
+                        work.await
+                    }
+                };
                 if let Err(err) = result {
                     events.send(Err(Status::from(err))).await.ok();
                 }

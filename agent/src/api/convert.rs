@@ -77,6 +77,7 @@ fn kind_name(kind: SecretKind) -> &'static str {
 pub(super) fn pull_event(progress: PullProgress) -> pb::PullEvent {
     use pb::pull_event::Event;
     let event = match progress {
+        PullProgress::Queued { image, position } => Event::Queued(pb::Queued { image, position }),
         PullProgress::Resolved {
             image,
             digest,

@@ -57,7 +57,8 @@ fn run_code(err: &RunError) -> Code {
         RunError::Containerd { source, .. } | RunError::Prune { source, .. } => {
             containerd_code(source)
         }
-        RunError::Log { .. } => Code::Internal,
+        RunError::Cancelled { .. } => Code::Cancelled,
+        RunError::Log { .. } | RunError::DiskUse { .. } => Code::Internal,
     }
 }
 
@@ -109,7 +110,9 @@ fn pull_code(err: &PullError) -> Code {
         PullError::NotFound { .. } | PullError::NoPlatform { .. } => Code::NotFound,
         PullError::Mismatch { .. } => Code::DataLoss,
         PullError::Unsupported { .. } | PullError::Config { .. } => Code::FailedPrecondition,
-        PullError::Unreachable { .. } | PullError::Throttled { .. } => Code::Unavailable,
+        PullError::Unreachable { .. } | PullError::Throttled { .. } | PullError::Stalled { .. } => {
+            Code::Unavailable
+        }
         PullError::Deadline { .. } => Code::DeadlineExceeded,
         PullError::Registry { .. } | PullError::Client { .. } => Code::Internal,
         PullError::Containerd { source, .. } => containerd_code(source),
@@ -195,6 +198,15 @@ mod tests {
                 PullError::Deadline { image: "x".into() }.into(),
                 Code::DeadlineExceeded,
             ),
+            (
+                PullError::Stalled {
+                    registry: "r".into(),
+                    stalled_for: std::time::Duration::from_secs(60),
+                }
+                .into(),
+                Code::Unavailable,
+            ),
+            (RunError::Cancelled { image: "x".into() }, Code::Cancelled),
             (
                 RunError::NameTaken {
                     project: "p".into(),

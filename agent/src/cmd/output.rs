@@ -58,6 +58,9 @@ pub(super) fn pull_event_json(event: &pb::PullEvent) -> Value {
             }
         }),
         Some(pb::pull_event::Event::Done(done)) => json!({ "done": { "digest": done.digest } }),
+        Some(pb::pull_event::Event::Queued(queued)) => json!({
+            "queued": { "image": queued.image, "position": queued.position }
+        }),
         None => json!({}),
     }
 }
@@ -77,6 +80,10 @@ pub(super) fn pull_event_line(event: &pb::PullEvent) -> Option<String> {
             layer.digest, layer.done_bytes, layer.total_bytes
         )),
         Some(pb::pull_event::Event::Done(done)) => Some(format!("done {}", done.digest)),
+        Some(pb::pull_event::Event::Queued(queued)) => Some(format!(
+            "queued {} (position {} in this host's pull queue)",
+            queued.image, queued.position
+        )),
         None => None,
     }
 }
@@ -350,6 +357,20 @@ mod tests {
             json!({"done": {"digest": "sha256:m"}})
         );
         assert_eq!(pull_event_line(&done).unwrap(), "done sha256:m");
+        let queued = pb::PullEvent {
+            event: Some(pb::pull_event::Event::Queued(pb::Queued {
+                image: "r/app:1".to_owned(),
+                position: 2,
+            })),
+        };
+        assert_eq!(
+            pull_event_json(&queued),
+            json!({"queued": {"image": "r/app:1", "position": 2}})
+        );
+        assert_eq!(
+            pull_event_line(&queued).unwrap(),
+            "queued r/app:1 (position 2 in this host's pull queue)"
+        );
         assert!(pull_event_line(&pb::PullEvent { event: None }).is_none());
     }
 

@@ -71,6 +71,14 @@ impl Progress {
 
     fn bar_event(&mut self, event: &pb::PullEvent) {
         match &event.event {
+            Some(pb::pull_event::Event::Queued(queued)) => {
+                self.multi
+                    .println(format!(
+                        "{} queued (position {} in this host's pull queue); waiting for a turn",
+                        queued.image, queued.position
+                    ))
+                    .ok();
+            }
             Some(pb::pull_event::Event::Resolved(resolved)) => {
                 self.multi
                     .println(format!(

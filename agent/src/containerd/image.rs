@@ -29,6 +29,8 @@ pub(crate) struct ListedImage {
     pub(crate) target_digest: String,
     pub(crate) target_size: u64,
     pub(crate) created_at: Option<prost_types::Timestamp>,
+    pub(crate) updated_at: Option<prost_types::Timestamp>,
+    pub(crate) labels: HashMap<String, String>,
 }
 
 /// One layer to unpack: its blob descriptor and the diff id the image config promises.
@@ -87,6 +89,8 @@ impl Containerd {
                     target_digest: target.digest,
                     target_size: u64::try_from(target.size).unwrap_or(0),
                     created_at: image.created_at,
+                    updated_at: image.updated_at,
+                    labels: image.labels,
                 }
             })
             .collect())
@@ -107,6 +111,49 @@ impl Containerd {
             ))
             .await
             .map_err(ContainerdError::rpc("images.delete"));
+        super::ignore_not_found(result)
+    }
+
+    /// Sets (only) the given labels on an image record; an absent image is success. The record
+    /// is read first and sent whole: containerd 2.x's images.update dereferences the target
+    /// before it looks at the field mask (an update without one crashed containerd 2.1).
+    pub(crate) async fn update_image_labels(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
+        let found = self
+            .images()
+            .get(self.request(
+                GetImageRequest {
+                    name: name.to_owned(),
+                },
+                None,
+            ))
+            .await;
+        let mut image = match found {
+            Ok(reply) => match reply.into_inner().image {
+                Some(image) => image,
+                None => return Ok(()),
+            },
+            Err(status) if status.code() == tonic::Code::NotFound => return Ok(()),
+            Err(status) => return Err(ContainerdError::rpc("images.get")(status)),
+        };
+        let paths = labels.keys().map(|key| format!("labels.{key}")).collect();
+        image.labels.extend(labels);
+        let result = self
+            .images()
+            .update(self.request(
+                UpdateImageRequest {
+                    image: Some(image),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                    source_date_epoch: None,
+                },
+                None,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(ContainerdError::rpc("images.update"));
         super::ignore_not_found(result)
     }
 

@@ -9,6 +9,7 @@ use tracing::{debug, instrument, warn};
 use super::manifest::Descriptor;
 use super::registry::Session;
 use super::stagger::HeadStart;
+use super::stall::StallClock;
 use super::verify::Verifier;
 use super::{layer_progress, send, PullError, PullProgress, Puller};
 use crate::containerd::{BlobWriter, ContainerdError, Lease, OpenedBlob};
@@ -84,6 +85,8 @@ impl Puller {
         // tag of the same image) waits here, then finds it present.
         let _blob_guard = self.blob_locks.lock(desc.digest.clone()).await;
         debug!("fetching blob");
+        // One stall clock for the whole download, across its requests (see `stall`).
+        let mut stall = StallClock::new(self.settings.stall_timeout);
         // The first pass may resume a partial ingest; if what it resumed turns out not to hash
         // to the digest (bytes from an interrupted attempt were bad), the second pass fetches
         // the whole blob again, verified from byte 0.
@@ -123,6 +126,7 @@ impl Puller {
                     &mut writer,
                     &mut verifier,
                     &mut report,
+                    &mut stall,
                 )
                 .await
             {
@@ -175,6 +179,7 @@ impl Puller {
     }
 
     /// Streams the rest of the blob into the ingest, resuming after retryable failures.
+    #[allow(clippy::too_many_arguments)]
     async fn stream_with_retries(
         &self,
         image: &ImageRef,
@@ -183,11 +188,12 @@ impl Puller {
         writer: &mut BlobWriter,
         verifier: &mut Verifier,
         report: &mut Reporter<'_>,
+        stall: &mut StallClock,
     ) -> Result<(), Failure> {
         let mut attempt = 1;
         while verifier.seen() < desc.size {
             let outcome = self
-                .stream_once(image, session, desc, writer, verifier, report)
+                .stream_once(image, session, desc, writer, verifier, report, stall)
                 .await;
             match outcome {
                 Ok(()) => break,
@@ -202,7 +208,9 @@ impl Puller {
         Ok(())
     }
 
-    /// One GET of the blob from the verifier's offset, streamed into the ingest.
+    /// One GET of the blob from the verifier's offset, streamed into the ingest. Only the waits
+    /// on the registry run on the stall clock.
+    #[allow(clippy::too_many_arguments)]
     async fn stream_once(
         &self,
         image: &ImageRef,
@@ -211,6 +219,7 @@ impl Puller {
         writer: &mut BlobWriter,
         verifier: &mut Verifier,
         report: &mut Reporter<'_>,
+        stall: &mut StallClock,
     ) -> Result<(), Failure> {
         let containerd_err = |source: ContainerdError| {
             Failure::Fatal(PullError::Containerd {
@@ -219,7 +228,11 @@ impl Puller {
             })
         };
         let offset = verifier.seen();
-        let (mut stream, from_offset) = session.blob(desc, offset).await.map_err(classify)?;
+        let (mut stream, from_offset) = stall
+            .wait(session.blob(desc, offset))
+            .await
+            .map_err(|_| self.stalled(image, stall, offset))?
+            .map_err(classify)?;
         if !from_offset && offset > 0 {
             // The registry ignored the Range: start this blob over.
             debug!("registry ignored the range request; restarting the blob");
@@ -234,8 +247,16 @@ impl Puller {
             });
         let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK);
         let result = loop {
-            match stream.next().await {
+            let Ok(next) = stall.wait(stream.next()).await else {
+                break Err(self.stalled(image, stall, verifier.seen()));
+            };
+            match next {
                 Some(Ok(chunk)) => {
+                    if !chunk.is_empty() {
+                        stall.progressed();
+                    }
+                    // `max_bytes_per_second`: the wait is berth's own, off the stall clock.
+                    self.bandwidth.take(chunk.len()).await;
                     bytes_counter.inc_by(chunk.len() as u64);
                     if let Err(source) = verifier.update(&chunk) {
                         return Err(Failure::Fatal(PullError::Mismatch {
@@ -280,6 +301,30 @@ impl Puller {
             })),
             other => other,
         }
+    }
+}
+
+impl Puller {
+    /// The download received nothing for the stall timeout: counted, logged, and cut, so that
+    /// the next attempt resumes it from `offset`.
+    fn stalled(&self, image: &ImageRef, stall: &StallClock, offset: u64) -> Failure {
+        let stalled_for = stall.limit().unwrap_or_default();
+        self.metrics
+            .download_stalls
+            .get_or_create(&RegistryLabels {
+                registry: image.registry().to_owned(),
+            })
+            .inc();
+        warn!(
+            registry = %image.registry(),
+            offset,
+            stall_timeout_seconds = stalled_for.as_secs(),
+            "blob download stalled; cutting it to resume"
+        );
+        Failure::Retry(PullError::Stalled {
+            registry: image.registry().to_owned(),
+            stalled_for,
+        })
     }
 }
 

@@ -207,6 +207,7 @@ fn falls_back(err: &PullError) -> bool {
         | PullError::Unsupported { .. }
         | PullError::Unreachable { .. }
         | PullError::Throttled { .. }
+        | PullError::Stalled { .. }
         | PullError::Auth(_)
         | PullError::Registry { .. } => true,
         // Verified content is the upstream's too; deadline, containerd and client set-up

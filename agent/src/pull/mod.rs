@@ -2,11 +2,13 @@
 //! verify every byte while streaming it into containerd, unpack, and only then write the image
 //! record. A failed pull leaves no image record.
 
+mod bandwidth;
 mod blob;
 pub(crate) mod manifest;
 pub(crate) mod mirror;
 pub(crate) mod registry;
 mod stagger;
+mod stall;
 mod unpack;
 pub(crate) mod verify;
 
@@ -38,6 +40,16 @@ const MAX_DOCUMENT: u64 = 4 << 20;
 pub(crate) const LABEL_MANIFEST: &str = "berth.dev/manifest";
 /// Image label: "true" when the image was pulled with a credential.
 pub(crate) const LABEL_PRIVATE: &str = "berth.dev/private";
+/// Image label: unix seconds of the image's last pull or use by an order (see `run::gc`).
+pub(crate) const LABEL_LAST_USED: &str = "berth.dev/last-used";
+
+/// Unix seconds now, for [`LABEL_LAST_USED`].
+pub(crate) fn unix_seconds_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
 
 /// A failed pull. Messages name the image, registry, repository and secret id, never material.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +87,11 @@ pub(crate) enum PullError {
     Throttled {
         registry: String,
         retry_after: Duration,
+    },
+    #[error("a download from registry {registry} received nothing for {} s", stalled_for.as_secs())]
+    Stalled {
+        registry: String,
+        stalled_for: Duration,
     },
     #[error("registry {registry} is not reachable")]
     Unreachable {
@@ -119,7 +136,9 @@ impl PullError {
             PullError::Denied { .. } => "denied",
             PullError::NotFound { .. } | PullError::NoPlatform { .. } => "not_found",
             PullError::Mismatch { .. } => "data_loss",
-            PullError::Unreachable { .. } | PullError::Throttled { .. } => "unavailable",
+            PullError::Unreachable { .. }
+            | PullError::Throttled { .. }
+            | PullError::Stalled { .. } => "unavailable",
             PullError::Deadline { .. } => "deadline",
             PullError::Unsupported { .. } | PullError::Config { .. } => "unsupported",
             PullError::Auth(err) if err.is_transient() => "unavailable",
@@ -142,7 +161,9 @@ impl PullError {
     /// Worth another attempt: the registry was unreachable, overloaded or failing (5xx, 429).
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
-            PullError::Unreachable { .. } | PullError::Throttled { .. } => true,
+            PullError::Unreachable { .. }
+            | PullError::Throttled { .. }
+            | PullError::Stalled { .. } => true,
             PullError::Auth(err) => err.is_transient(),
             _ => false,
         }
@@ -174,6 +195,11 @@ fn secret_suffix(secret: &Option<String>) -> String {
 /// Progress of one pull, for PullImage's stream.
 #[derive(Debug, Clone)]
 pub(crate) enum PullProgress {
+    /// The pull waits for a turn (`max_concurrent_pulls`); `position` 1 is next.
+    Queued {
+        image: String,
+        position: u32,
+    },
     Resolved {
         image: String,
         digest: String,
@@ -199,6 +225,8 @@ pub(crate) struct PulledImage {
     pub(crate) config: oci_spec::image::ImageConfiguration,
     pub(crate) top_chain_id: String,
     pub(crate) private: bool,
+    /// [`LABEL_LAST_USED`] as the record had it (now, for a fresh pull); None without one.
+    pub(crate) last_used: Option<u64>,
 }
 
 /// Pulls images into one containerd namespace.
@@ -210,6 +238,8 @@ pub(crate) struct Puller {
     /// One fetch per blob digest at a time: pulls of different tags of one image share blobs.
     blob_locks: Arc<KeyedLocks>,
     settings: Arc<RegistrySettings>,
+    /// `max_bytes_per_second`, shared by every download of every pull.
+    bandwidth: Arc<bandwidth::Bandwidth>,
     deadline: Duration,
     metrics: SharedMetrics,
 }
@@ -227,6 +257,7 @@ impl Puller {
             authenticator,
             blob_locks: Arc::default(),
             http: settings.http_client()?,
+            bandwidth: Arc::new(bandwidth::Bandwidth::new(settings.max_bytes_per_second)),
             settings: Arc::new(settings),
             deadline,
             metrics,
@@ -419,6 +450,7 @@ impl Puller {
             config,
             top_chain_id,
             private,
+            last_used: Some(unix_seconds_now()),
         })
     }
 
@@ -532,6 +564,7 @@ impl Puller {
         let image_labels = HashMap::from([
             (LABEL_MANIFEST.to_owned(), stored.manifest_digest.to_owned()),
             (LABEL_PRIVATE.to_owned(), stored.private.to_string()),
+            (LABEL_LAST_USED.to_owned(), unix_seconds_now().to_string()),
         ]);
         let top_size = i64::try_from(top_bytes.len()).unwrap_or(i64::MAX);
         self.containerd
@@ -656,6 +689,10 @@ impl Puller {
             .labels
             .get(LABEL_PRIVATE)
             .is_none_or(|v| v != "false");
+        let last_used = record
+            .labels
+            .get(LABEL_LAST_USED)
+            .and_then(|seconds| seconds.parse().ok());
         let Some(bytes) = self
             .read_document(&manifest_digest)
             .await
@@ -701,6 +738,7 @@ impl Puller {
             config,
             top_chain_id,
             private,
+            last_used,
         }))
     }
 

@@ -32,6 +32,10 @@ pub(crate) struct RegistrySettings {
     pub(crate) max_concurrent_downloads: usize,
     /// Attempts per request (connection errors, timeouts, 429 and 5xx are retried).
     pub(crate) retries: u32,
+    /// A blob download that receives no byte for this long is cut and resumed; None = off.
+    pub(crate) stall_timeout: Option<Duration>,
+    /// Download bandwidth of all pulls together; 0 = no limit.
+    pub(crate) max_bytes_per_second: u64,
     /// `[[registry.mirror]]`, in file order.
     pub(crate) mirrors: Vec<super::mirror::Mirror>,
 }

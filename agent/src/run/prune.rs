@@ -84,7 +84,7 @@ impl Runner {
     }
 
     /// Names of the images some container of the namespace was created from (berth's or not).
-    async fn images_in_use(&self) -> Result<HashSet<String>, RunError> {
+    pub(super) async fn images_in_use(&self) -> Result<HashSet<String>, RunError> {
         let containers = self
             .containerd
             .list_containers(Vec::new())
@@ -103,7 +103,7 @@ impl Runner {
     }
 }
 
-fn prune_error(image: &str) -> impl FnOnce(ContainerdError) -> RunError {
+pub(super) fn prune_error(image: &str) -> impl FnOnce(ContainerdError) -> RunError {
     let image = image.to_owned();
     move |source| RunError::Prune { image, source }
 }
