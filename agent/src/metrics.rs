@@ -37,6 +37,13 @@ pub(crate) struct MirrorLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SignatureLabels {
+    /// verified | no_signature | unknown_key | wrong_digest | bad_encoding | fetch_failed |
+    /// denied | unavailable
+    pub(crate) result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StateLabels {
     pub(crate) state: &'static str,
 }
@@ -59,6 +66,7 @@ pub(crate) struct Metrics {
     pub(crate) pulls_in_flight: Gauge,
     pub(crate) containers: Family<StateLabels, Gauge>,
     pub(crate) mirror_pulls: Family<MirrorLabels, Counter>,
+    pub(crate) signature_verifications: Family<SignatureLabels, Counter>,
     /// 1 for the version of the containerd berthd last reached; no sample before that.
     containerd_info: Family<VersionLabels, Gauge>,
 }
@@ -78,6 +86,12 @@ impl Default for Metrics {
         let containers = Family::<StateLabels, Gauge>::default();
         let mirror_pulls = Family::<MirrorLabels, Counter>::default();
         let containerd_info = Family::<VersionLabels, Gauge>::default();
+        let signature_verifications = Family::<SignatureLabels, Counter>::default();
+        registry.register(
+            "berth_signature_verifications",
+            "Image signature verifications against [[policy]] by result",
+            signature_verifications.clone(),
+        );
         registry.register(
             "berth_pulls",
             "Image pulls by result and registry",
@@ -139,6 +153,7 @@ impl Default for Metrics {
             pulls_in_flight,
             containers,
             mirror_pulls,
+            signature_verifications,
             containerd_info,
         }
     }

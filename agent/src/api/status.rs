@@ -109,6 +109,8 @@ fn pull_code(err: &PullError) -> Code {
         PullError::NotFound { .. } | PullError::NoPlatform { .. } => Code::NotFound,
         PullError::Mismatch { .. } => Code::DataLoss,
         PullError::Unsupported { .. } | PullError::Config { .. } => Code::FailedPrecondition,
+        // A signature policy refusal, or a signature fetch that failed for good.
+        PullError::Signature { .. } | PullError::SignatureFetch { .. } => Code::FailedPrecondition,
         PullError::Unreachable { .. } | PullError::Throttled { .. } => Code::Unavailable,
         PullError::Deadline { .. } => Code::DeadlineExceeded,
         PullError::Registry { .. } | PullError::Client { .. } => Code::Internal,

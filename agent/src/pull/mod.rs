@@ -3,9 +3,12 @@
 //! record. A failed pull leaves no image record.
 
 mod blob;
+pub(crate) mod cosign;
 pub(crate) mod manifest;
 pub(crate) mod mirror;
+pub(crate) mod policy;
 pub(crate) mod registry;
+pub(crate) mod signature;
 mod stagger;
 mod unpack;
 pub(crate) mod verify;
@@ -28,6 +31,7 @@ use blob::Reporter;
 use manifest::{Descriptor, Manifest, Parsed};
 pub(crate) use registry::RegistrySettings;
 use registry::Session;
+use signature::{SignatureStatus, Signatures, Subject};
 use stagger::Stagger;
 use unpack::Arrivals;
 use verify::Mismatch;
@@ -104,6 +108,24 @@ pub(crate) enum PullError {
     },
     #[error("pulling {image} took longer than the pull deadline")]
     Deadline { image: String },
+    #[error("image {image}: signature check refused {digest} under policy {policy}: {fault}")]
+    Signature {
+        image: String,
+        digest: String,
+        policy: String,
+        fault: cosign::SignatureFault,
+    },
+    #[error(
+        "image {image}: signature check of {digest} under policy {policy} failed: fetching {what} failed"
+    )]
+    SignatureFetch {
+        image: String,
+        digest: String,
+        policy: String,
+        what: String,
+        #[source]
+        source: Box<PullError>,
+    },
     #[error("writing image {image} into containerd")]
     Containerd {
         image: String,
@@ -122,6 +144,7 @@ impl PullError {
             PullError::Unreachable { .. } | PullError::Throttled { .. } => "unavailable",
             PullError::Deadline { .. } => "deadline",
             PullError::Unsupported { .. } | PullError::Config { .. } => "unsupported",
+            PullError::Signature { .. } | PullError::SignatureFetch { .. } => "signature",
             PullError::Auth(err) if err.is_transient() => "unavailable",
             PullError::Auth(AuthError::Rejected { .. } | AuthError::Realm { .. }) => "denied",
             PullError::Auth(_)
@@ -188,6 +211,8 @@ pub(crate) enum PullProgress {
     },
     Done {
         digest: String,
+        /// "verified" or "not required" (the signature policy).
+        signature: &'static str,
     },
 }
 
@@ -199,6 +224,8 @@ pub(crate) struct PulledImage {
     pub(crate) config: oci_spec::image::ImageConfiguration,
     pub(crate) top_chain_id: String,
     pub(crate) private: bool,
+    /// The index the platform manifest was chosen from, when there was one.
+    pub(crate) index_digest: Option<String>,
 }
 
 /// Pulls images into one containerd namespace.
@@ -212,6 +239,7 @@ pub(crate) struct Puller {
     settings: Arc<RegistrySettings>,
     deadline: Duration,
     metrics: SharedMetrics,
+    signatures: Arc<Signatures>,
 }
 
 impl Puller {
@@ -229,8 +257,19 @@ impl Puller {
             http: settings.http_client()?,
             settings: Arc::new(settings),
             deadline,
+            signatures: Arc::new(Signatures::new(
+                policy::Policies::default(),
+                Duration::from_secs(300),
+                metrics.clone(),
+            )),
             metrics,
         })
+    }
+
+    /// The signature policies (`[[policy]]`) and their cache.
+    pub(crate) fn with_signatures(mut self, signatures: Signatures) -> Self {
+        self.signatures = Arc::new(signatures);
+        self
     }
 
     /// Pulls `image` with `auth` (anonymous when no secret), reporting progress if asked.
@@ -238,6 +277,7 @@ impl Puller {
     pub(crate) async fn pull(
         &self,
         image: &ImageRef,
+        project: &str,
         auth: RegistryAuth,
         secret_id: Option<&str>,
         progress: Option<mpsc::Sender<PullProgress>>,
@@ -259,8 +299,15 @@ impl Puller {
                 )
             })
             .await?;
-            self.pull_from(image, &session, attempts, Privacy::Known(private), progress)
-                .await
+            self.pull_from(
+                image,
+                project,
+                &session,
+                attempts,
+                Privacy::Known(private),
+                progress,
+            )
+            .await
         };
         let result = tokio::time::timeout(self.deadline, work)
             .await
@@ -298,6 +345,7 @@ impl Puller {
     async fn pull_from(
         &self,
         image: &ImageRef,
+        project: &str,
         session: &Session,
         attempts: u32,
         privacy: Privacy,
@@ -352,6 +400,22 @@ impl Puller {
                     (top_type.to_owned(), Some(entries), bytes, digest, m)
                 }
             };
+        // Signature policy, before a blob is fetched, unpacked or recorded: a refused image
+        // leaves nothing behind.
+        let index_digest = index.as_ref().map(|_| top_digest.clone());
+        let signature = self
+            .signatures
+            .check(
+                session,
+                image,
+                project,
+                Subject {
+                    manifest_digest: &manifest_digest,
+                    index_digest: index_digest.as_deref(),
+                },
+                attempts,
+            )
+            .await?;
         let private = match privacy {
             Privacy::Known(private) => private,
             Privacy::AskUpstream => !self.upstream_serves_anonymously(image, &top_digest).await,
@@ -410,6 +474,7 @@ impl Puller {
             &progress,
             PullProgress::Done {
                 digest: manifest_digest.clone(),
+                signature: signature.as_str(),
             },
         )
         .await;
@@ -419,6 +484,7 @@ impl Puller {
             config,
             top_chain_id,
             private,
+            index_digest,
         })
     }
 
@@ -652,6 +718,8 @@ impl Puller {
         let Some(manifest_digest) = record.labels.get(LABEL_MANIFEST).cloned() else {
             return Ok(None);
         };
+        let index_digest = Some(record.target_digest.clone())
+            .filter(|target| !target.is_empty() && *target != manifest_digest);
         let private = record
             .labels
             .get(LABEL_PRIVATE)
@@ -701,6 +769,7 @@ impl Puller {
             config,
             top_chain_id,
             private,
+            index_digest,
         }))
     }
 
@@ -710,6 +779,69 @@ impl Puller {
             Err(err) if err.is_not_found() => Ok(None),
             Err(err) => Err(err),
         }
+    }
+
+    /// Whether starting the cached `pulled` for `project` needs a signature verified now: a
+    /// policy demands one and no positive result for it is remembered.
+    pub(crate) fn signature_check_due(
+        &self,
+        image: &ImageRef,
+        project: &str,
+        pulled: &PulledImage,
+    ) -> bool {
+        self.signatures
+            .required(image, project)
+            .is_some_and(|(policy, keys)| {
+                !self
+                    .signatures
+                    .recently_verified(&policy, &keys, &pulled.manifest_digest)
+            })
+    }
+
+    /// Verifies the cached `pulled`'s signature against the policy in force now, fetched from
+    /// the registry with `auth` (the order's credential).
+    pub(crate) async fn check_cached_signature(
+        &self,
+        image: &ImageRef,
+        project: &str,
+        pulled: &PulledImage,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+    ) -> Result<SignatureStatus, PullError> {
+        let work = async {
+            let attempts = self.settings.retries;
+            let session = retry(attempts, || {
+                Session::open(
+                    &self.settings,
+                    &self.http,
+                    &self.authenticator,
+                    image,
+                    auth.clone(),
+                    secret_id,
+                )
+            })
+            .await?;
+            self.signatures
+                .check(
+                    &session,
+                    image,
+                    project,
+                    Subject {
+                        manifest_digest: &pulled.manifest_digest,
+                        index_digest: pulled.index_digest.as_deref(),
+                    },
+                    attempts,
+                )
+                .await
+        };
+        tokio::time::timeout(
+            self.settings.read_timeout + self.settings.connect_timeout,
+            work,
+        )
+        .await
+        .map_err(|_| PullError::Deadline {
+            image: image.to_string(),
+        })?
     }
 
     /// Whether the registry, now, lets `auth` read `image`'s manifest. Used before a cached
