@@ -99,7 +99,10 @@ async fn tamper_tag_signature(
     }
     if let Some(edit) = annotation_edit {
         let annotation = &mut layer["annotations"]["dev.cosignproject.cosign/signature"];
-        let old = annotation.as_str().context("signature annotation")?.to_owned();
+        let old = annotation
+            .as_str()
+            .context("signature annotation")?
+            .to_owned();
         *annotation = Value::from(edit(&old));
     }
     client
@@ -227,11 +230,8 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
         None,
         Some(|old: &str| {
             // One byte of s changed: still DER, no longer the signer's signature.
-            let mut bytes = base64::Engine::decode(
-                &base64::engine::general_purpose::STANDARD,
-                old,
-            )
-            .expect("cosign writes base64");
+            let mut bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, old)
+                .expect("cosign writes base64");
             let last = bytes.len() - 1;
             bytes[last] ^= 0x01;
             base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
@@ -243,7 +243,11 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
     // The oracle.
     let verifies = |key: &KeyPair, image: &PushedImage| cosign.verifies(key, &by_digest(image));
     for image in [&bundle, &tag] {
-        assert!(verifies(&team, image)?, "cosign refuses {}", image.reference());
+        assert!(
+            verifies(&team, image)?,
+            "cosign refuses {}",
+            image.reference()
+        );
     }
     assert!(verifies(&second, &by_second)?);
     for image in [
@@ -292,10 +296,7 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
         assert_refused(status, image, &pattern, why);
     }
     // A refused image left no image record (and no container: the start failed before one).
-    let images = env
-        .containerd
-        .ctr_ok(&["images", "ls", "-q"])
-        .await?;
+    let images = env.containerd.ctr_ok(&["images", "ls", "-q"]).await?;
     for image in [&unsigned, &foreign, &copied, &payload, &signature] {
         assert!(
             !images.contains(&image.repository),
@@ -307,10 +308,7 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
 
     // `berth pull` says so.
     let pulled = berthd
-        .cli_ok(
-            &["pull", &tag.reference(), "--pull-secret", &secret],
-            None,
-        )
+        .cli_ok(&["pull", &tag.reference(), "--pull-secret", &secret], None)
         .await?;
     assert!(pulled.contains("signature verified"), "{pulled}");
 
@@ -320,7 +318,11 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
             .value("berth_signature_verifications_total", &[("result", result)])
             .unwrap_or(0.0)
     };
-    assert!(count("verified") >= 4.0, "{:?}", metrics.lines_starting("berth_signature"));
+    assert!(
+        count("verified") >= 4.0,
+        "{:?}",
+        metrics.lines_starting("berth_signature")
+    );
     assert!(count("no_signature") >= 1.0);
     assert!(count("unknown_key") >= 4.0);
     assert!(count("wrong_digest") >= 1.0);

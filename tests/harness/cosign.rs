@@ -63,10 +63,7 @@ impl Cosign {
         let auth = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", user.username, user.password));
         let config = serde_json::json!({ "auths": { registry: { "auth": auth } } });
-        std::fs::write(
-            dir.path().join("config.json"),
-            serde_json::to_vec(&config)?,
-        )?;
+        std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&config)?)?;
         Ok(Self {
             binary,
             ca_file: ca.ca_pem_path().to_owned(),
@@ -117,14 +114,11 @@ impl Cosign {
     /// `cosign sign --key` `reference` (`host/repo@sha256:...`) offline, in `scheme`.
     pub fn sign(&self, key: &KeyPair, reference: &str, scheme: Scheme) -> anyhow::Result<()> {
         let mut command = self.command();
-        command
-            .args(["sign", "--key"])
-            .arg(&key.private)
-            .args([
-                "--use-signing-config=false",
-                "--tlog-upload=false",
-                "-y",
-            ]);
+        command.args(["sign", "--key"]).arg(&key.private).args([
+            "--use-signing-config=false",
+            "--tlog-upload=false",
+            "-y",
+        ]);
         if scheme == Scheme::Tag {
             command.arg("--new-bundle-format=false");
         }
