@@ -12,6 +12,8 @@
 //! - `seed_flow`, `reflection`, `leaks`, `errors`, `registries`: the product, end to end
 //!   (`registries`: ACR and GAR credentials, and Docker's on the token registry; `openbao`: the
 //!   OpenBao secret backend against `bao server -dev`).
+//! - `signatures`: `[[policy]]` signature checks against images the real cosign signed
+//!   (`scripts/cosign.sh` fetches cosign 3 on first use).
 //! - `security`, `limits`, `api_access`: the security properties (hostile registries, tenants,
 //!   input limits, who may call the API, berthd's own process); SECURITY.md names the test
 //!   behind each guarantee.
@@ -46,3 +48,5 @@ mod security;
 mod seed_flow;
 #[cfg(test)]
 mod selftest;
+#[cfg(test)]
+mod signatures;

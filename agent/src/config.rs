@@ -41,6 +41,7 @@ pub struct Config {
     pub access: Vec<AccessConfig>,
     pub security: SecurityConfig,
     pub gc: GcConfig,
+    pub policy: Vec<PolicyConfig>,
 }
 
 impl Default for Config {
@@ -59,6 +60,7 @@ impl Default for Config {
             access: Vec::new(),
             security: SecurityConfig::default(),
             gc: GcConfig::default(),
+            policy: Vec::new(),
         }
     }
 }
@@ -338,6 +340,40 @@ impl GcConfig {
     }
 }
 
+/// `[[policy]]`: a signature policy; the first entry whose `images` and `projects` match an
+/// order's image and project wins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Globs on `host[:port]/repository`: `*` within one path segment, `**` across segments.
+    pub images: Vec<String>,
+    #[serde(default = "all_projects")]
+    pub projects: Vec<String>,
+    pub verify: VerifyKind,
+    /// cosign: PEM public key files; a valid signature by any one of them suffices.
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
+    /// notation: a directory of trusted root certificates (PEM).
+    #[serde(default)]
+    pub trust_store: String,
+    /// notation: x509 subjects or `["*"]`.
+    #[serde(default)]
+    pub trusted_identities: Vec<String>,
+}
+
+fn all_projects() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+/// `[[policy]] verify`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyKind {
+    Cosign,
+    Notation,
+    None,
+}
+
 /// Where the API listens, parsed from `listen`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -442,7 +478,70 @@ impl Config {
             ));
         }
         self.validate_mirrors()?;
-        self.gc.validate()
+        self.gc.validate()?;
+        self.validate_policies()
+    }
+
+    /// `[[policy]]`: patterns well formed, `cosign` with keys; `notation` is not supported yet
+    /// and refused here rather than silently not enforced. Key files are read at start-up
+    /// (`pull::policy::Policies::load`).
+    fn validate_policies(&self) -> Result<(), ConfigError> {
+        for (index, entry) in self.policy.iter().enumerate() {
+            let entry_err = |key: &'static str, reason: String| ConfigError::Invalid {
+                key,
+                reason: format!("entry {}: {reason}", index + 1),
+            };
+            if entry.images.is_empty() {
+                return Err(entry_err(
+                    "policy.images",
+                    "needs at least one pattern".to_owned(),
+                ));
+            }
+            for pattern in &entry.images {
+                crate::pull::policy::ImageGlob::parse(pattern).map_err(|reason| {
+                    entry_err("policy.images", format!("{pattern:?}: {reason}"))
+                })?;
+            }
+            if entry.projects.is_empty() {
+                return Err(entry_err(
+                    "policy.projects",
+                    "needs at least one pattern (\"*\" for every project)".to_owned(),
+                ));
+            }
+            match entry.verify {
+                VerifyKind::Cosign => {
+                    if entry.keys.is_empty() {
+                        return Err(entry_err(
+                            "policy.keys",
+                            "verify = \"cosign\" needs at least one PEM public key file".to_owned(),
+                        ));
+                    }
+                    if !entry.trust_store.is_empty() || !entry.trusted_identities.is_empty() {
+                        return Err(entry_err(
+                            "policy.trust_store",
+                            "trust_store and trusted_identities belong to verify = \"notation\""
+                                .to_owned(),
+                        ));
+                    }
+                }
+                VerifyKind::Notation => {
+                    return Err(entry_err(
+                        "policy.verify",
+                        "\"notation\" is not supported by this berthd yet; use \"cosign\""
+                            .to_owned(),
+                    ));
+                }
+                VerifyKind::None => {
+                    if !entry.keys.is_empty() {
+                        return Err(entry_err(
+                            "policy.keys",
+                            "verify = \"none\" takes no keys".to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `[[registry.mirror]]`: upstream a registry host, endpoint an http(s) URL, no endpoint

@@ -124,6 +124,7 @@ pub async fn run(
         &config.containerd.snapshotter,
     )
     .map_err(|err| DaemonError::Containerd(Box::new(err)))?;
+    let policies = crate::pull::policy::Policies::load(&config.policy)?;
     let puller = Puller::new(
         containerd.clone(),
         settings,
@@ -131,7 +132,12 @@ pub async fn run(
         Duration::from_secs(config.registry.pull_deadline_seconds),
         metrics.clone(),
     )
-    .map_err(|err| DaemonError::Auth(Box::new(err)))?;
+    .map_err(|err| DaemonError::Auth(Box::new(err)))?
+    .with_signatures(crate::pull::signature::Signatures::new(
+        policies,
+        Duration::from_secs(config.security.access_check_ttl_seconds),
+        metrics.clone(),
+    ));
     let runner = Runner::new(
         containerd.clone(),
         puller,

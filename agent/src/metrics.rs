@@ -37,6 +37,13 @@ pub(crate) struct MirrorLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SignatureLabels {
+    /// verified | no_signature | unknown_key | wrong_digest | bad_encoding | fetch_failed |
+    /// denied | unavailable
+    pub(crate) result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StateLabels {
     pub(crate) state: &'static str,
 }
@@ -65,6 +72,7 @@ pub(crate) struct Metrics {
     pub(crate) pulls_queued: Gauge,
     /// Images removed by the automatic image GC (`[gc]`).
     pub(crate) gc_removed_images: Counter,
+    pub(crate) signature_verifications: Family<SignatureLabels, Counter>,
     /// 1 for the version of the containerd berthd last reached; no sample before that.
     containerd_info: Family<VersionLabels, Gauge>,
 }
@@ -87,6 +95,12 @@ impl Default for Metrics {
         let download_stalls = Family::<RegistryLabels, Counter>::default();
         let pulls_queued = Gauge::default();
         let gc_removed_images = Counter::default();
+        let signature_verifications = Family::<SignatureLabels, Counter>::default();
+        registry.register(
+            "berth_signature_verifications",
+            "Image signature verifications against [[policy]] by result",
+            signature_verifications.clone(),
+        );
         registry.register(
             "berth_pulls",
             "Image pulls by result and registry",
@@ -166,6 +180,7 @@ impl Default for Metrics {
             download_stalls,
             pulls_queued,
             gc_removed_images,
+            signature_verifications,
             containerd_info,
         }
     }

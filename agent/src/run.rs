@@ -413,19 +413,30 @@ impl Runner {
         let _image_guard = self.image_locks.write(image_lock(image)).await;
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
         self.puller
-            .pull_mirrors_first(image, secret.as_ref(), Some(progress.clone()), || async {
-                let pulled = self
-                    .with_grant(secret.as_ref(), image, |auth| {
-                        self.puller
-                            .pull(image, auth, secret_id.as_deref(), Some(progress.clone()))
-                    })
-                    .await?;
-                // The registry itself just served this image for this credential.
-                if let Some(key) = access_key(project, image, secret.as_ref(), &pulled) {
-                    self.access_checks.passed(key);
-                }
-                Ok::<_, RunError>(pulled)
-            })
+            .pull_mirrors_first(
+                image,
+                project,
+                secret.as_ref(),
+                Some(progress.clone()),
+                || async {
+                    let pulled = self
+                        .with_grant(secret.as_ref(), image, |auth| {
+                            self.puller.pull(
+                                image,
+                                project,
+                                auth,
+                                secret_id.as_deref(),
+                                Some(progress.clone()),
+                            )
+                        })
+                        .await?;
+                    // The registry itself just served this image for this credential.
+                    if let Some(key) = access_key(project, image, secret.as_ref(), &pulled) {
+                        self.access_checks.passed(key);
+                    }
+                    Ok::<_, RunError>(pulled)
+                },
+            )
             .await
     }
 
@@ -486,11 +497,16 @@ impl Runner {
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
         let image = self
             .puller
-            .pull_mirrors_first(image_ref, secret, None, || async {
+            .pull_mirrors_first(image_ref, &order.project, secret, None, || async {
                 let image = self
                     .with_grant(secret, image_ref, |auth| {
-                        self.puller
-                            .pull(image_ref, auth, secret_id.as_deref(), None)
+                        self.puller.pull(
+                            image_ref,
+                            &order.project,
+                            auth,
+                            secret_id.as_deref(),
+                            None,
+                        )
                     })
                     .await?;
                 // The registry itself just served this image for this credential: orders
@@ -546,12 +562,43 @@ impl Runner {
         let Some(image) = self.puller.load(image_ref).await? else {
             return Ok(None);
         };
+        self.check_access(order, secret, &image).await?;
+        // Signature policy in force now, at every start of a cached image (after the access
+        // check: the signature is fetched with the order's own credential).
+        if self
+            .puller
+            .signature_check_due(image_ref, &order.project, &image)
+        {
+            let secret_id = secret.map(|secret| secret.meta.id.to_string());
+            self.with_grant(secret, image_ref, |auth| {
+                self.puller.check_cached_signature(
+                    image_ref,
+                    &order.project,
+                    &image,
+                    auth,
+                    secret_id.as_deref(),
+                )
+            })
+            .await?;
+        }
+        Ok(Some(image))
+    }
+
+    /// A cached private image starts only for an order whose credential the registry accepts
+    /// for that repository now (or did within the access check TTL).
+    async fn check_access(
+        &self,
+        order: &Order,
+        secret: Option<&StoredSecret>,
+        image: &PulledImage,
+    ) -> Result<(), RunError> {
+        let image_ref = &order.image;
         if !image.private {
-            return Ok(Some(image));
+            return Ok(());
         }
         // A cached private image starts only for an order whose credential the registry
         // accepts for that repository now.
-        let Some(key) = access_key(&order.project, image_ref, secret, &image) else {
+        let Some(key) = access_key(&order.project, image_ref, secret, image) else {
             return Err(PullError::Denied {
                 registry: image_ref.registry().to_owned(),
                 repository: image_ref.repository().to_owned(),
@@ -567,7 +614,7 @@ impl Runner {
             .await?;
             self.access_checks.passed(key);
         }
-        Ok(Some(image))
+        Ok(())
     }
 
     /// Runs `op` with registry authentication for `secret`; a cached token the registry

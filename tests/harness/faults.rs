@@ -54,6 +54,8 @@ pub enum Target {
     Manifests,
     /// `GET /v2/` (the version check and auth challenge).
     Ping,
+    /// Requests whose path contains this text (`.sig`, `/referrers/`, ...).
+    PathContains(String),
     /// Every request.
     Any,
 }
@@ -67,6 +69,7 @@ impl Target {
             Target::AnyBlob => is_blob_get(method, path),
             Target::Manifests => path.starts_with("/v2/") && path.contains("/manifests/"),
             Target::Ping => path == "/v2/" || path == "/v2",
+            Target::PathContains(text) => path.contains(text.as_str()),
             Target::Any => true,
         }
     }

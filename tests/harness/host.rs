@@ -60,6 +60,8 @@ pub struct HostConfig {
     /// More `[registry]` keys, one `key = value` per line.
     pub registry_toml: String,
     pub mirrors: Vec<MirrorEntry>,
+    /// Tables appended at the end (`[[policy]]`, `[security]`, ...).
+    pub tables_toml: String,
 }
 
 impl HostConfig {
@@ -78,6 +80,7 @@ impl HostConfig {
             plain_http: Vec::new(),
             registry_toml: String::new(),
             mirrors: Vec::new(),
+            tables_toml: String::new(),
         }
     }
 }
@@ -145,6 +148,11 @@ fn config_toml(config: &HostConfig, dir: &Path, socket: &Path) -> anyhow::Result
             toml_string(&mirror.endpoint)?,
             mirror.credentials
         ));
+    }
+    if !config.tables_toml.is_empty() {
+        text.push('\n');
+        text.push_str(config.tables_toml.trim_end());
+        text.push('\n');
     }
     Ok(text)
 }

@@ -40,6 +40,7 @@ pub mod berthd;
 pub mod ca;
 pub mod cli;
 pub mod containerd;
+pub mod cosign;
 pub mod credentials;
 pub mod env;
 pub mod exposition;

@@ -100,7 +100,10 @@ pub(super) fn pull_event(progress: PullProgress) -> pb::PullEvent {
             total_bytes,
             cached,
         }),
-        PullProgress::Done { digest } => Event::Done(pb::Done { digest }),
+        PullProgress::Done { digest, signature } => Event::Done(pb::Done {
+            digest,
+            signature: signature.to_owned(),
+        }),
     };
     pb::PullEvent { event: Some(event) }
 }

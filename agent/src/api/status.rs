@@ -113,6 +113,8 @@ fn pull_code(err: &PullError) -> Code {
         PullError::Unreachable { .. } | PullError::Throttled { .. } | PullError::Stalled { .. } => {
             Code::Unavailable
         }
+        // A signature policy refusal, or a signature fetch that failed for good.
+        PullError::Signature { .. } | PullError::SignatureFetch { .. } => Code::FailedPrecondition,
         PullError::Deadline { .. } => Code::DeadlineExceeded,
         PullError::Registry { .. } | PullError::Client { .. } => Code::Internal,
         PullError::Containerd { source, .. } => containerd_code(source),

@@ -136,6 +136,7 @@ impl pb::agent_server::Agent for Fake {
             }),
             Event::Done(pb::Done {
                 digest: "sha256:m".to_owned(),
+                signature: "not required".to_owned(),
             }),
         ];
         let events = events

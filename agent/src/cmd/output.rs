@@ -57,7 +57,12 @@ pub(super) fn pull_event_json(event: &pb::PullEvent) -> Value {
                 "cached": layer.cached,
             }
         }),
-        Some(pb::pull_event::Event::Done(done)) => json!({ "done": { "digest": done.digest } }),
+        Some(pb::pull_event::Event::Done(done)) if done.signature.is_empty() => {
+            json!({ "done": { "digest": done.digest } })
+        }
+        Some(pb::pull_event::Event::Done(done)) => {
+            json!({ "done": { "digest": done.digest, "signature": done.signature } })
+        }
         Some(pb::pull_event::Event::Queued(queued)) => json!({
             "queued": { "image": queued.image, "position": queued.position }
         }),
@@ -79,6 +84,9 @@ pub(super) fn pull_event_line(event: &pb::PullEvent) -> Option<String> {
             "layer {} {}/{} bytes",
             layer.digest, layer.done_bytes, layer.total_bytes
         )),
+        Some(pb::pull_event::Event::Done(done)) if done.signature == "verified" => {
+            Some(format!("signature verified\ndone {}", done.digest))
+        }
         Some(pb::pull_event::Event::Done(done)) => Some(format!("done {}", done.digest)),
         Some(pb::pull_event::Event::Queued(queued)) => Some(format!(
             "queued {} (position {} in this host's pull queue)",
@@ -350,6 +358,7 @@ mod tests {
         let done = pb::PullEvent {
             event: Some(pb::pull_event::Event::Done(pb::Done {
                 digest: "sha256:m".to_owned(),
+                ..pb::Done::default()
             })),
         };
         assert_eq!(

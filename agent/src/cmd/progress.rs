@@ -114,6 +114,9 @@ impl Progress {
                         bar.finish();
                     }
                 }
+                if done.signature == "verified" {
+                    self.multi.println("signature verified").ok();
+                }
                 self.multi
                     .println(format!("pulled {}", short(&done.digest)))
                     .ok();

@@ -19,6 +19,8 @@ use super::{Containerd, ContainerdError, Lease};
 #[derive(Debug, Clone)]
 pub(crate) struct ImageRecord {
     pub(crate) labels: HashMap<String, String>,
+    /// The record's target: an index or the platform manifest.
+    pub(crate) target_digest: String,
 }
 
 /// An image record as listed for cleanup: its name, top descriptor and age.
@@ -62,6 +64,7 @@ impl Containerd {
             Err(status) => return Err(ContainerdError::rpc("images.get")(status)),
         };
         Ok(image.map(|image| ImageRecord {
+            target_digest: image.target.map(|target| target.digest).unwrap_or_default(),
             labels: image.labels,
         }))
     }

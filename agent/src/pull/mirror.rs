@@ -209,7 +209,10 @@ fn falls_back(err: &PullError) -> bool {
         | PullError::Throttled { .. }
         | PullError::Stalled { .. }
         | PullError::Auth(_)
-        | PullError::Registry { .. } => true,
+        | PullError::Registry { .. }
+        // A mirror may lack or garble the signature: the next source has the last word.
+        | PullError::Signature { .. }
+        | PullError::SignatureFetch { .. } => true,
         // Verified content is the upstream's too; deadline, containerd and client set-up
         // failures would recur.
         PullError::Config { .. }
@@ -247,6 +250,7 @@ impl Puller {
     pub(crate) async fn pull_mirrors_first<E, F, Fut>(
         &self,
         image: &ImageRef,
+        project: &str,
         secret: Option<&StoredSecret>,
         progress: Option<mpsc::Sender<PullProgress>>,
         upstream: F,
@@ -283,7 +287,7 @@ impl Puller {
         let in_flight = InFlight::count(&self.metrics);
         let outcome = tokio::time::timeout_at(
             deadline,
-            self.try_mirrors(image, &mirrors, secret, progress),
+            self.try_mirrors(image, project, &mirrors, secret, progress),
         )
         .await
         .map_err(|_| deadline_err())
@@ -319,6 +323,7 @@ impl Puller {
     async fn try_mirrors(
         &self,
         image: &ImageRef,
+        project: &str,
         mirrors: &[&Mirror],
         secret: Option<&StoredSecret>,
         progress: Option<mpsc::Sender<PullProgress>>,
@@ -352,7 +357,7 @@ impl Puller {
                 .await?;
                 // One attempt per request: a failing mirror hands over to the next source
                 // instead of being retried.
-                self.pull_from(image, &session, 1, privacy, progress.clone())
+                self.pull_from(image, project, &session, 1, privacy, progress.clone())
                     .await
             };
             let result = attempt.await;

@@ -4,9 +4,12 @@
 
 mod bandwidth;
 mod blob;
+pub(crate) mod cosign;
 pub(crate) mod manifest;
 pub(crate) mod mirror;
+pub(crate) mod policy;
 pub(crate) mod registry;
+pub(crate) mod signature;
 mod stagger;
 mod stall;
 mod unpack;
@@ -30,6 +33,7 @@ use blob::Reporter;
 use manifest::{Descriptor, Manifest, Parsed};
 pub(crate) use registry::RegistrySettings;
 use registry::Session;
+use signature::{SignatureStatus, Signatures, Subject};
 use stagger::Stagger;
 use unpack::Arrivals;
 use verify::Mismatch;
@@ -121,6 +125,24 @@ pub(crate) enum PullError {
     },
     #[error("pulling {image} took longer than the pull deadline")]
     Deadline { image: String },
+    #[error("image {image}: signature check refused {digest} under policy {policy}: {fault}")]
+    Signature {
+        image: String,
+        digest: String,
+        policy: String,
+        fault: cosign::SignatureFault,
+    },
+    #[error(
+        "image {image}: signature check of {digest} under policy {policy} failed: fetching {what} failed"
+    )]
+    SignatureFetch {
+        image: String,
+        digest: String,
+        policy: String,
+        what: String,
+        #[source]
+        source: Box<PullError>,
+    },
     #[error("writing image {image} into containerd")]
     Containerd {
         image: String,
@@ -141,6 +163,7 @@ impl PullError {
             | PullError::Stalled { .. } => "unavailable",
             PullError::Deadline { .. } => "deadline",
             PullError::Unsupported { .. } | PullError::Config { .. } => "unsupported",
+            PullError::Signature { .. } | PullError::SignatureFetch { .. } => "signature",
             PullError::Auth(err) if err.is_transient() => "unavailable",
             PullError::Auth(AuthError::Rejected { .. } | AuthError::Realm { .. }) => "denied",
             PullError::Auth(_)
@@ -196,10 +219,7 @@ fn secret_suffix(secret: &Option<String>) -> String {
 #[derive(Debug, Clone)]
 pub(crate) enum PullProgress {
     /// The pull waits for a turn (`max_concurrent_pulls`); `position` 1 is next.
-    Queued {
-        image: String,
-        position: u32,
-    },
+    Queued { image: String, position: u32 },
     Resolved {
         image: String,
         digest: String,
@@ -214,6 +234,8 @@ pub(crate) enum PullProgress {
     },
     Done {
         digest: String,
+        /// "verified" or "not required" (the signature policy).
+        signature: &'static str,
     },
 }
 
@@ -227,6 +249,8 @@ pub(crate) struct PulledImage {
     pub(crate) private: bool,
     /// [`LABEL_LAST_USED`] as the record had it (now, for a fresh pull); None without one.
     pub(crate) last_used: Option<u64>,
+    /// The index the platform manifest was chosen from, when there was one.
+    pub(crate) index_digest: Option<String>,
 }
 
 /// Pulls images into one containerd namespace.
@@ -242,6 +266,7 @@ pub(crate) struct Puller {
     bandwidth: Arc<bandwidth::Bandwidth>,
     deadline: Duration,
     metrics: SharedMetrics,
+    signatures: Arc<Signatures>,
 }
 
 impl Puller {
@@ -260,8 +285,19 @@ impl Puller {
             bandwidth: Arc::new(bandwidth::Bandwidth::new(settings.max_bytes_per_second)),
             settings: Arc::new(settings),
             deadline,
+            signatures: Arc::new(Signatures::new(
+                policy::Policies::default(),
+                Duration::from_secs(300),
+                metrics.clone(),
+            )),
             metrics,
         })
+    }
+
+    /// The signature policies (`[[policy]]`) and their cache.
+    pub(crate) fn with_signatures(mut self, signatures: Signatures) -> Self {
+        self.signatures = Arc::new(signatures);
+        self
     }
 
     /// Pulls `image` with `auth` (anonymous when no secret), reporting progress if asked.
@@ -269,6 +305,7 @@ impl Puller {
     pub(crate) async fn pull(
         &self,
         image: &ImageRef,
+        project: &str,
         auth: RegistryAuth,
         secret_id: Option<&str>,
         progress: Option<mpsc::Sender<PullProgress>>,
@@ -290,8 +327,15 @@ impl Puller {
                 )
             })
             .await?;
-            self.pull_from(image, &session, attempts, Privacy::Known(private), progress)
-                .await
+            self.pull_from(
+                image,
+                project,
+                &session,
+                attempts,
+                Privacy::Known(private),
+                progress,
+            )
+            .await
         };
         let result = tokio::time::timeout(self.deadline, work)
             .await
@@ -329,6 +373,7 @@ impl Puller {
     async fn pull_from(
         &self,
         image: &ImageRef,
+        project: &str,
         session: &Session,
         attempts: u32,
         privacy: Privacy,
@@ -383,6 +428,22 @@ impl Puller {
                     (top_type.to_owned(), Some(entries), bytes, digest, m)
                 }
             };
+        // Signature policy, before a blob is fetched, unpacked or recorded: a refused image
+        // leaves nothing behind.
+        let index_digest = index.as_ref().map(|_| top_digest.clone());
+        let signature = self
+            .signatures
+            .check(
+                session,
+                image,
+                project,
+                Subject {
+                    manifest_digest: &manifest_digest,
+                    index_digest: index_digest.as_deref(),
+                },
+                attempts,
+            )
+            .await?;
         let private = match privacy {
             Privacy::Known(private) => private,
             Privacy::AskUpstream => !self.upstream_serves_anonymously(image, &top_digest).await,
@@ -441,6 +502,7 @@ impl Puller {
             &progress,
             PullProgress::Done {
                 digest: manifest_digest.clone(),
+                signature: signature.as_str(),
             },
         )
         .await;
@@ -451,6 +513,7 @@ impl Puller {
             top_chain_id,
             private,
             last_used: Some(unix_seconds_now()),
+            index_digest,
         })
     }
 
@@ -685,6 +748,8 @@ impl Puller {
         let Some(manifest_digest) = record.labels.get(LABEL_MANIFEST).cloned() else {
             return Ok(None);
         };
+        let index_digest = Some(record.target_digest.clone())
+            .filter(|target| !target.is_empty() && *target != manifest_digest);
         let private = record
             .labels
             .get(LABEL_PRIVATE)
@@ -739,6 +804,7 @@ impl Puller {
             top_chain_id,
             private,
             last_used,
+            index_digest,
         }))
     }
 
@@ -748,6 +814,69 @@ impl Puller {
             Err(err) if err.is_not_found() => Ok(None),
             Err(err) => Err(err),
         }
+    }
+
+    /// Whether starting the cached `pulled` for `project` needs a signature verified now: a
+    /// policy demands one and no positive result for it is remembered.
+    pub(crate) fn signature_check_due(
+        &self,
+        image: &ImageRef,
+        project: &str,
+        pulled: &PulledImage,
+    ) -> bool {
+        self.signatures
+            .required(image, project)
+            .is_some_and(|(policy, keys)| {
+                !self
+                    .signatures
+                    .recently_verified(&policy, &keys, &pulled.manifest_digest)
+            })
+    }
+
+    /// Verifies the cached `pulled`'s signature against the policy in force now, fetched from
+    /// the registry with `auth` (the order's credential).
+    pub(crate) async fn check_cached_signature(
+        &self,
+        image: &ImageRef,
+        project: &str,
+        pulled: &PulledImage,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+    ) -> Result<SignatureStatus, PullError> {
+        let work = async {
+            let attempts = self.settings.retries;
+            let session = retry(attempts, || {
+                Session::open(
+                    &self.settings,
+                    &self.http,
+                    &self.authenticator,
+                    image,
+                    auth.clone(),
+                    secret_id,
+                )
+            })
+            .await?;
+            self.signatures
+                .check(
+                    &session,
+                    image,
+                    project,
+                    Subject {
+                        manifest_digest: &pulled.manifest_digest,
+                        index_digest: pulled.index_digest.as_deref(),
+                    },
+                    attempts,
+                )
+                .await
+        };
+        tokio::time::timeout(
+            self.settings.read_timeout + self.settings.connect_timeout,
+            work,
+        )
+        .await
+        .map_err(|_| PullError::Deadline {
+            image: image.to_string(),
+        })?
     }
 
     /// Whether the registry, now, lets `auth` read `image`'s manifest. Used before a cached

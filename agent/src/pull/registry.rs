@@ -332,6 +332,79 @@ impl Session {
         self.check_status(response).map(|_| ())
     }
 
+    /// The OCI 1.1 referrers of `digest` (an image index listing them), or None when the
+    /// registry has no referrers API (404, as distribution 2.8 answers). Capped at 4 MiB.
+    pub(crate) async fn referrers(&self, digest: &str) -> Result<Option<Bytes>, PullError> {
+        let url = format!("{}/referrers/{digest}", self.base);
+        let response = self
+            .get(&url)
+            .header(reqwest::header::ACCEPT, manifest::OCI_INDEX)
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let response = self.check_status(response)?;
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned());
+        if content_type.as_deref() != Some(manifest::OCI_INDEX) {
+            // Some registries answer unknown routes with a page of their own: no referrers API.
+            return Ok(None);
+        }
+        self.read_capped(response, MAX_MANIFEST).await.map(Some)
+    }
+
+    /// A small blob (a signature payload or bundle), read whole (at most `limit` bytes) and
+    /// checked against `desc`.
+    pub(crate) async fn small_blob(
+        &self,
+        desc: &Descriptor,
+        limit: u64,
+    ) -> Result<Bytes, PullError> {
+        let unsupported = PullError::Unsupported {
+            image: self.image.to_string(),
+            reason: manifest::ManifestError("a signature blob is larger than berth reads"),
+        };
+        if desc.size > limit {
+            return Err(unsupported);
+        }
+        manifest::check_digest(&desc.digest).map_err(|reason| PullError::Unsupported {
+            image: self.image.to_string(),
+            reason,
+        })?;
+        let url = format!("{}/blobs/{}", self.base, desc.digest);
+        let response = self
+            .get(&url)
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        let response = self.check_status(response)?;
+        let body = self
+            .read_capped(response, usize::try_from(limit).unwrap_or(usize::MAX))
+            .await?;
+        super::verify::verify_bytes(&desc.digest, Some(desc.size), &body).map_err(|source| {
+            PullError::Mismatch {
+                image: self.image.to_string(),
+                source,
+            }
+        })?;
+        Ok(body)
+    }
+
+    /// A reference to `tag` in this session's repository.
+    pub(crate) fn reference_with_tag(&self, tag: &str) -> Reference {
+        let reference = self.image.reference();
+        Reference::with_tag(
+            reference.registry().to_owned(),
+            reference.repository().to_owned(),
+            tag.to_owned(),
+        )
+    }
+
     /// Opens the blob of `desc` from byte `offset` (not yet verified: the caller verifies).
     /// Returns the stream and whether it starts at `offset` (false: the registry ignored the
     /// Range and sends the whole blob).
