@@ -12,6 +12,9 @@
 //! - `seed_flow`, `reflection`, `leaks`, `errors`, `registries`: the product, end to end
 //!   (`registries`: ACR and GAR credentials, and Docker's on the token registry; `openbao`: the
 //!   OpenBao secret backend against `bao server -dev`).
+//! - `interop`: gRPC clients berth did not write (Python grpcio, Node grpc-js, grpcurl without
+//!   `-authority`) on the unix socket with their defaults; they come from
+//!   `scripts/interop-clients.sh`.
 //! - `security`, `limits`, `api_access`: the security properties (hostile registries, tenants,
 //!   input limits, who may call the API, berthd's own process); SECURITY.md names the test
 //!   behind each guarantee.
@@ -24,6 +27,8 @@ mod api_access;
 mod containerd_versions;
 #[cfg(test)]
 mod errors;
+#[cfg(test)]
+mod interop;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]

@@ -10,16 +10,23 @@
 //! read side (client → server) follows the frame stream: the 24-byte preface, then 9-byte
 //! frame headers. Every frame but HEADERS and CONTINUATION passes through as it is, payload
 //! included (DATA is read straight into the server's buffer). A header block (HEADERS plus its
-//! CONTINUATIONs, bounded in size) is collected, its padding dropped, HPACK-decoded with a
-//! decoder that lives as long as the connection (so the client's dynamic-table entries and
-//! size updates are followed), its `:authority` set to `localhost`, and encoded again with
-//! literals only (the server's decoder table stays empty, hence always in step), in frames of
-//! at most 16384 bytes (the smallest SETTINGS_MAX_FRAME_SIZE a server may have).
+//! CONTINUATIONs, bounded in size) is collected and HPACK-decoded with a decoder that lives as
+//! long as the connection (so the client's dynamic-table entries and size updates are
+//! followed).
 //!
-//! Anything that is not HTTP/2 — a wrong preface, a broken header-block sequence, HPACK that
-//! does not decode, a header block over [`MAX_HEADER_BLOCK`] — is an `InvalidData` read error,
-//! on which the server closes the connection. Other protocol errors (a DATA frame larger than
-//! the server allows, a bad stream id on DATA, ...) are left to the server.
+//! The connection's first header block decides. If its `:authority` is one h2 accepts (or
+//! there is none), that block goes on as it came and the connection turns transparent: the
+//! front passes every later byte unparsed, so clients that already worked (tonic, grpc-go,
+//! grpc-js, grpcurl 1.9) pay one HPACK decode per connection and nothing per request.
+//! Otherwise every header block of the connection is rewritten: padding dropped, `:authority`
+//! set to `localhost`, encoded again with literals only (the server's decoder table stays
+//! empty, hence always in step with what it is sent), in frames of at most 16384 bytes (the
+//! smallest SETTINGS_MAX_FRAME_SIZE a server may have).
+//!
+//! Anything that is not HTTP/2 up to that point — a wrong preface, a broken header-block
+//! sequence, HPACK that does not decode, a header block over 1 MiB — is an `InvalidData` read
+//! error, on which the server closes the connection. Other protocol errors (a DATA frame
+//! larger than the server allows, a bad stream id on DATA, ...) are left to the server.
 
 use std::io;
 use std::pin::Pin;
@@ -63,9 +70,13 @@ impl<IO> std::fmt::Debug for UnixFront<IO> {
 
 impl<IO> UnixFront<IO> {
     pub(crate) fn new(inner: IO) -> Self {
+        Self::with_rewriter(inner, Rewriter::default())
+    }
+
+    fn with_rewriter(inner: IO, rewriter: Rewriter) -> Self {
         Self {
             inner,
-            rewriter: Rewriter::default(),
+            rewriter,
             input: BytesMut::new(),
             output: BytesMut::new(),
             eof: false,
@@ -100,6 +111,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for UnixFront<IO> {
                 buf.put_slice(&this.output[..count]);
                 this.output.advance(count);
                 return Poll::Ready(Ok(()));
+            }
+            if this.rewriter.is_transparent() {
+                if !this.input.is_empty() {
+                    let count = this.input.len().min(buf.remaining());
+                    buf.put_slice(&this.input[..count]);
+                    this.input.advance(count);
+                    return Poll::Ready(Ok(()));
+                }
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             if this.failed {
                 return Poll::Ready(Err(io::Error::new(
@@ -242,54 +262,68 @@ mod tests {
         Ok(())
     }
 
+    /// h2's client (which sends a valid authority, so the connection turns transparent) and the
+    /// same with every header block rewritten: 1 MiB request bodies (more than the initial
+    /// windows), streamed answers, several requests on a connection whose HPACK table fills.
     #[tokio::test]
     async fn a_real_h2_client_and_server_talk_through_the_front() {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(serve_h2(UnixFront::new(server_io)));
-        let (client, connection) = h2::client::handshake(client_io).await.unwrap();
-        let connection = tokio::spawn(connection);
-        let mut client = client.ready().await.unwrap();
-        for round in 0..5u8 {
-            let request = Request::post(format!("http://berth.example/echo/{round}"))
-                .header("x-repeated", "same value every time")
-                .header("x-round", round.to_string())
-                .body(())
+        for rewrite_every_block in [false, true] {
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            let front = if rewrite_every_block {
+                UnixFront::with_rewriter(server_io, Rewriter::rewriting_every_block())
+            } else {
+                UnixFront::new(server_io)
+            };
+            let server = tokio::spawn(serve_h2(front));
+            let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+            let connection = tokio::spawn(connection);
+            let mut client = client.ready().await.unwrap();
+            for round in 0..5u8 {
+                let request = Request::post(format!("http://berth.example/echo/{round}"))
+                    .header("x-repeated", "same value every time")
+                    .header("x-round", round.to_string())
+                    .body(())
+                    .unwrap();
+                let (response, mut send) = client.send_request(request, false).unwrap();
+                let body = vec![round; 1 << 20];
+                let mut sent = 0;
+                while sent < body.len() {
+                    send.reserve_capacity(body.len() - sent);
+                    let capacity = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let end = (sent + capacity).min(body.len());
+                    send.send_data(Bytes::copy_from_slice(&body[sent..end]), end == body.len())
+                        .unwrap();
+                    sent = end;
+                }
+                let response = response.await.unwrap();
+                let authority = if rewrite_every_block {
+                    "localhost"
+                } else {
+                    "berth.example"
+                };
+                assert_eq!(response.headers()["x-authority"], authority);
+                assert_eq!(response.headers()["x-received"], (1usize << 20).to_string());
+                let mut body = response.into_body();
+                let mut received = 0;
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    received += chunk.len();
+                    body.flow_control().release_capacity(chunk.len()).unwrap();
+                }
+                assert_eq!(received, 160_000);
+                client = client.ready().await.unwrap();
+            }
+            drop(client);
+            connection.await.unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .unwrap()
+                .unwrap()
                 .unwrap();
-            let (response, mut send) = client.send_request(request, false).unwrap();
-            // 1 MiB up: more than the server's initial windows.
-            let body = vec![round; 1 << 20];
-            let mut sent = 0;
-            while sent < body.len() {
-                send.reserve_capacity(body.len() - sent);
-                let capacity = std::future::poll_fn(|cx| send.poll_capacity(cx))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                let end = (sent + capacity).min(body.len());
-                send.send_data(Bytes::copy_from_slice(&body[sent..end]), end == body.len())
-                    .unwrap();
-                sent = end;
-            }
-            let response = response.await.unwrap();
-            assert_eq!(response.headers()["x-authority"], "localhost");
-            assert_eq!(response.headers()["x-received"], (1usize << 20).to_string());
-            let mut body = response.into_body();
-            let mut received = 0;
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.unwrap();
-                received += chunk.len();
-                body.flow_control().release_capacity(chunk.len()).unwrap();
-            }
-            assert_eq!(received, 160_000);
-            client = client.ready().await.unwrap();
         }
-        drop(client);
-        connection.await.unwrap().unwrap();
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
     }
 
     /// Sends the preface, SETTINGS and one request with `authority` (encoded as a client that

@@ -100,12 +100,27 @@ struct HeaderBlock {
     fragment: Vec<u8>,
     /// Bytes on the wire so far, frame headers included.
     wire_len: usize,
+    /// The frames as they came (the connection's first block only).
+    raw: Vec<u8>,
+}
+
+/// What the front does with a connection's header blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Before the end of the first header block, which decides.
+    FirstBlock,
+    /// The first block's `:authority` was not a valid authority: every block is rewritten.
+    Rewrite,
+    /// The first block's `:authority` was valid (or absent): it went to the server as it
+    /// came, and so does everything after it, unparsed.
+    Transparent,
 }
 
 /// The client → server half of the front, without I/O: it turns the client's bytes into what
 /// the server reads, except frame payloads that pass as they are, which the caller moves
 /// itself (see [`Rewriter::passthrough`]).
 pub(crate) struct Rewriter {
+    mode: Mode,
     preface_seen: bool,
     /// Payload bytes of the current frame still to pass through unchanged.
     passthrough: usize,
@@ -116,6 +131,7 @@ pub(crate) struct Rewriter {
 impl std::fmt::Debug for Rewriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rewriter")
+            .field("mode", &self.mode)
             .field("preface_seen", &self.preface_seen)
             .field("passthrough", &self.passthrough)
             .field("block", &self.block)
@@ -128,6 +144,7 @@ impl Default for Rewriter {
         let mut decoder = Decoder::new();
         decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
         Self {
+            mode: Mode::FirstBlock,
             preface_seen: false,
             passthrough: 0,
             block: None,
@@ -137,6 +154,20 @@ impl Default for Rewriter {
 }
 
 impl Rewriter {
+    /// A rewriter that rewrites every header block, whatever the first one holds.
+    #[cfg(test)]
+    pub(crate) fn rewriting_every_block() -> Self {
+        Self {
+            mode: Mode::Rewrite,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the rest of the client's stream goes to the server as it is, unparsed.
+    pub(crate) fn is_transparent(&self) -> bool {
+        self.mode == Mode::Transparent
+    }
+
     /// Payload bytes that follow in the client's stream and go to the server unchanged; the
     /// caller moves them and reports them with [`Rewriter::passed`] before the next
     /// [`Rewriter::process`].
@@ -151,13 +182,14 @@ impl Rewriter {
 
     /// Consumes the preface, frame headers and whole header-block frames from the front of
     /// `input` and appends what the server reads to `out`. Returns when `input` holds no
-    /// complete unit more or when a frame's payload is to pass through.
+    /// complete unit more, when a frame's payload is to pass through, or when the connection
+    /// turned transparent.
     pub(crate) fn process(
         &mut self,
         input: &mut BytesMut,
         out: &mut BytesMut,
     ) -> Result<(), FrontError> {
-        while self.passthrough == 0 {
+        while self.passthrough == 0 && self.mode != Mode::Transparent {
             if !self.preface_seen {
                 let seen = input.len().min(PREFACE.len());
                 if input[..seen] != PREFACE[..seen] {
@@ -214,7 +246,7 @@ impl Rewriter {
             }
             let frame = input.split_to(frame_len);
             let payload = &frame[FRAME_HEADER_LEN..];
-            let block = match self.block.take() {
+            let mut block = match self.block.take() {
                 Some(mut block) => {
                     block.fragment.extend_from_slice(payload);
                     block.wire_len += frame_len;
@@ -222,6 +254,9 @@ impl Rewriter {
                 }
                 None => headers_frame(header, payload)?,
             };
+            if self.mode == Mode::FirstBlock {
+                block.raw.extend_from_slice(&frame);
+            }
             if header.flags & FLAG_END_HEADERS == 0 {
                 self.block = Some(block);
             } else {
@@ -232,12 +267,15 @@ impl Rewriter {
     }
 
     /// Decodes a complete header block and writes it again with `:authority: localhost`,
-    /// literals only, as HEADERS plus CONTINUATIONs.
+    /// literals only, as HEADERS plus CONTINUATIONs. The connection's first block goes out as
+    /// it came instead when its `:authority` is valid (as h2 judges it) or absent, and the
+    /// connection turns transparent.
     fn emit(&mut self, block: &HeaderBlock, out: &mut BytesMut) -> Result<(), FrontError> {
         let stream = block.stream;
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
         let mut decoded_size = 0usize;
         let mut too_large = false;
+        let mut authority_valid = None;
         self.decoder
             .decode_with_cb(&block.fragment, |name, value| {
                 decoded_size = decoded_size
@@ -249,6 +287,7 @@ impl Rewriter {
                     return;
                 }
                 let value = if name.as_ref() == b":authority" {
+                    authority_valid = Some(http::uri::Authority::try_from(value.as_ref()).is_ok());
                     Cow::Borrowed(LOCAL_AUTHORITY)
                 } else {
                     value
@@ -258,6 +297,14 @@ impl Rewriter {
             .map_err(|source| FrontError::Hpack { stream, source })?;
         if too_large {
             return Err(FrontError::HeaderListTooLarge { stream });
+        }
+        if self.mode == Mode::FirstBlock {
+            if authority_valid != Some(false) {
+                out.put_slice(&block.raw);
+                self.mode = Mode::Transparent;
+                return Ok(());
+            }
+            self.mode = Mode::Rewrite;
         }
 
         let priority_len = if block.priority.is_some() { 5 } else { 0 };
@@ -325,6 +372,7 @@ fn headers_frame(header: FrameHeader, payload: &[u8]) -> Result<HeaderBlock, Fro
         priority,
         fragment: rest[..fragment_len].to_vec(),
         wire_len: FRAME_HEADER_LEN + payload.len(),
+        raw: Vec::new(),
     })
 }
 
@@ -346,6 +394,10 @@ pub(crate) fn rewrite_all(input: &[u8]) -> Result<Vec<u8>, FrontError> {
     let mut out = BytesMut::new();
     loop {
         rewriter.process(&mut input, &mut out)?;
+        if rewriter.is_transparent() {
+            out.put_slice(&input);
+            return Ok(out.to_vec());
+        }
         let passthrough = rewriter.passthrough();
         if passthrough == 0 || input.is_empty() {
             return Ok(out.to_vec());
@@ -466,14 +518,8 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn every_authority_becomes_localhost_and_the_rest_is_kept() {
-        for sent in [
-            SOCKET_PATH,
-            "%2Frun%2Fberth%2Fberthd.sock",
-            "",
-            "localhost",
-            "example.com:50051",
-        ] {
+    fn an_authority_h2_refuses_becomes_localhost_and_the_rest_is_kept() {
+        for sent in [SOCKET_PATH, "%2Frun%2Fberth%2Fberthd.sock", ""] {
             let mut input = preface();
             let headers = request_headers(sent);
             let block = encode(&mut Encoder::new(), &headers);
@@ -488,6 +534,37 @@ pub(crate) mod tests {
             // The DATA frame after it is there unchanged.
             assert!(out.ends_with(&frame(0x0, FLAG_END_STREAM, 1, b"\0\0\0\0\0")));
         }
+    }
+
+    #[test]
+    fn a_connection_that_starts_with_a_valid_authority_passes_untouched() {
+        for first in ["localhost", "example.com:50051", "[::]:50051"] {
+            let mut encoder = Encoder::new();
+            let mut input = preface();
+            let block = encode(&mut encoder, &request_headers(first));
+            input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS | FLAG_PADDED, 1, &{
+                let mut padded = vec![2];
+                padded.extend(&block);
+                padded.extend([0, 0]);
+                padded
+            }));
+            // Later blocks are not looked at, whatever they hold.
+            let block = encode(&mut encoder, &request_headers(SOCKET_PATH));
+            input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &block));
+            input.extend(b"anything at all");
+            assert_eq!(rewrite_all(&input).unwrap(), input, "{first:?}");
+        }
+        // No :authority at all counts as valid.
+        let mut headers = request_headers("");
+        headers.remove(3);
+        let mut input = preface();
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            1,
+            &encode(&mut Encoder::new(), &headers),
+        ));
+        assert_eq!(rewrite_all(&input).unwrap(), input);
     }
 
     #[test]
