@@ -233,6 +233,61 @@ async fn interop_grpcurl_without_authority() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes that are not HTTP/2 on the unix socket: each such connection is closed, berthd keeps
+/// answering, and its open file descriptors come back to where they were (no leak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interop_garbage_on_the_socket_closes_the_connection() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let env = OpsEnv::start().await?;
+    let berthd = HostBerthd::start(&env.host_config(), &HostEnvironment::default()).await?;
+    let fd_dir = PathBuf::from(format!("/proc/{}/fd", berthd.pid()?));
+    let open_fds = || -> anyhow::Result<usize> { Ok(std::fs::read_dir(&fd_dir)?.count()) };
+    let before = open_fds()?;
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let mut bad_hpack = preface.clone();
+    bad_hpack.extend(h2_frame(0x4, 0, 0, &[])?);
+    bad_hpack.extend(h2_frame(0x1, 0x4, 1, &[0xff, 0x49])?); // index 200: in no table
+    let mut oversized = preface.clone();
+    oversized.extend([0xff, 0xff, 0xff, 0x1, 0, 0, 0, 0, 1]); // a 16 MiB HEADERS frame
+    let garbage: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        &[0u8; 64],
+        &bad_hpack,
+        &oversized,
+    ];
+    for round in 0..40 {
+        let sent = garbage[round % garbage.len()];
+        let mut stream = tokio::net::UnixStream::connect(berthd.socket()).await?;
+        stream.write_all(sent).await?;
+        let mut drained = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut drained))
+            .await
+            .with_context(|| format!("berthd kept a connection open after {sent:?}"))?
+            // Closed at end of stream (after what h2 wrote first) or with a reset: both fine.
+            .ok();
+    }
+    assert_eq!(
+        HealthClient::new(berthd.channel().await?)
+            .check(HealthCheckRequest::default())
+            .await?
+            .into_inner()
+            .status,
+        1,
+        "SERVING after the garbage"
+    );
+    wait_for(
+        "berthd's open files to return to their count",
+        STARTUP_TIMEOUT,
+        || async {
+            let now = open_fds()?;
+            Ok((now <= before + 2).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| format!("berthd had {before} files open before"))?;
+    Ok(())
+}
+
 /// The TCP listener has no front: a path in `:authority` is refused there as before
 /// (RST_STREAM with PROTOCOL_ERROR), while the same request with `localhost` is answered.
 /// The frames are written by hand: neither tonic nor grpcurl sends a path over TLS.
