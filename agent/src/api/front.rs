@@ -326,6 +326,59 @@ mod tests {
         }
     }
 
+    /// A graceful shutdown while a request is in flight on a rewritten connection: the server's
+    /// GOAWAY reaches the client, the request in flight still completes, and the connection
+    /// then ends cleanly on both sides.
+    #[tokio::test]
+    async fn graceful_shutdown_goaway_reaches_the_client() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let front = UnixFront::with_rewriter(server_io, Rewriter::rewriting_every_block());
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(front).await?;
+            let (request, mut respond) = connection.accept().await.unwrap()?;
+            connection.graceful_shutdown();
+            let answer = tokio::spawn(async move {
+                let mut body = request.into_body();
+                while let Some(chunk) = body.data().await {
+                    body.flow_control().release_capacity(chunk?.len())?;
+                }
+                let mut send = respond.send_response(Response::new(()), false)?;
+                send.send_data(Bytes::from_static(b"last words"), true)?;
+                Ok::<_, h2::Error>(())
+            });
+            // Drives the connection to its end: no more requests are accepted.
+            assert!(connection.accept().await.is_none());
+            answer.await.unwrap()
+        });
+        let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let (response, mut send) = client
+            .send_request(
+                Request::post("http://localhost/slow").body(()).unwrap(),
+                false,
+            )
+            .unwrap();
+        send.send_data(Bytes::from_static(b"request"), true)
+            .unwrap();
+        let mut body = response.await.unwrap().into_body();
+        assert_eq!(
+            body.data().await.unwrap().unwrap(),
+            Bytes::from_static(b"last words")
+        );
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
     /// Sends the preface, SETTINGS and one request with `authority` (encoded as a client that
     /// uses the dynamic table would) over `client_io`.
     async fn send_raw_request(client_io: &mut DuplexStream, authority: &str) {
