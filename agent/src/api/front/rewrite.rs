@@ -32,7 +32,7 @@ pub(crate) const FLAG_PRIORITY: u8 = 0x20;
 
 /// Why the front closed a connection: what the client sent is not HTTP/2 it can follow.
 #[derive(Debug, thiserror::Error)]
-pub enum FrontError {
+pub(crate) enum FrontError {
     #[error("the client did not start with the HTTP/2 connection preface")]
     Preface,
     #[error("header block on stream {stream} is over {MAX_HEADER_BLOCK} bytes")]
