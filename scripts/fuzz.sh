@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes berth's parsers of untrusted input with cargo-fuzz (libFuzzer + AddressSanitizer), each
 # target for a bounded time: image references, WWW-Authenticate challenges, manifests and
-# indexes, and the CLI's service YAML (targets in fuzz/fuzz_targets, entry points in
-# `berth::fuzzing`). Not run by CI.
+# indexes, the CLI's service YAML, and the unix socket's HTTP/2 front (targets in
+# fuzz/fuzz_targets, entry points in `berth::fuzzing`). Not run by CI.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default: 60 s, every target)
 #
@@ -24,7 +24,7 @@ for dir in "${HOME:-/root}/.cargo/bin" /usr/local/bin; do
 done
 export PATH
 
-ALL_TARGETS=(image_ref www_authenticate manifest service_yaml openbao_created_time)
+ALL_TARGETS=(image_ref www_authenticate manifest service_yaml openbao_created_time unix_front)
 seconds="${1:-60}"
 if [[ $# -gt 0 ]]; then shift; fi
 if [[ $# -gt 0 ]]; then targets=("$@"); else targets=("${ALL_TARGETS[@]}"); fi

@@ -55,6 +55,9 @@ step() {
 step "provision (scripts/provision.sh)"
 bash scripts/provision.sh
 
+step "gRPC clients for the interop tests (scripts/interop-clients.sh)"
+bash scripts/interop-clients.sh
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

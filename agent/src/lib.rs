@@ -76,6 +76,12 @@ pub mod fuzzing {
         crate::secret::openbao::rfc3339_unix_seconds(input)
     }
 
+    /// The unix socket's HTTP/2 front (`api/front.rs`) on a client's byte stream; whether it
+    /// was accepted, and then what the server reads.
+    pub fn unix_front(input: &[u8]) -> Option<Vec<u8>> {
+        crate::api::front::rewrite_all(input).ok()
+    }
+
     /// The CLI's service YAML parser (`berth service create --file`); whether it parses.
     pub fn service_yaml(input: &str) -> bool {
         crate::cmd::service::parse_service(Path::new("fuzz.yaml"), input).is_ok()

