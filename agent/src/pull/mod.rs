@@ -300,6 +300,26 @@ impl Puller {
         self
     }
 
+    /// A session with `image`'s registry for `auth`, retried like any request.
+    async fn open_session(
+        &self,
+        image: &ImageRef,
+        auth: &RegistryAuth,
+        secret_id: Option<&str>,
+    ) -> Result<Session, PullError> {
+        retry(self.settings.retries, || {
+            Session::open(
+                &self.settings,
+                &self.http,
+                &self.authenticator,
+                image,
+                auth.clone(),
+                secret_id,
+            )
+        })
+        .await
+    }
+
     /// Pulls `image` with `auth` (anonymous when no secret), reporting progress if asked.
     #[instrument(skip_all, fields(image = %image))]
     pub(crate) async fn pull(
@@ -316,17 +336,7 @@ impl Puller {
         let _in_flight = InFlight::count(&self.metrics);
         let work = async {
             let attempts = self.settings.retries;
-            let session = retry(attempts, || {
-                Session::open(
-                    &self.settings,
-                    &self.http,
-                    &self.authenticator,
-                    image,
-                    auth.clone(),
-                    secret_id,
-                )
-            })
-            .await?;
+            let session = self.open_session(image, &auth, secret_id).await?;
             self.pull_from(
                 image,
                 project,
@@ -845,17 +855,7 @@ impl Puller {
     ) -> Result<SignatureStatus, PullError> {
         let work = async {
             let attempts = self.settings.retries;
-            let session = retry(attempts, || {
-                Session::open(
-                    &self.settings,
-                    &self.http,
-                    &self.authenticator,
-                    image,
-                    auth.clone(),
-                    secret_id,
-                )
-            })
-            .await?;
+            let session = self.open_session(image, &auth, secret_id).await?;
             self.signatures
                 .check(
                     &session,
@@ -889,17 +889,7 @@ impl Puller {
     ) -> Result<(), PullError> {
         let work = async {
             let attempts = self.settings.retries;
-            let session = retry(attempts, || {
-                Session::open(
-                    &self.settings,
-                    &self.http,
-                    &self.authenticator,
-                    image,
-                    auth.clone(),
-                    secret_id,
-                )
-            })
-            .await?;
+            let session = self.open_session(image, &auth, secret_id).await?;
             retry(attempts, || session.manifest(image.reference()))
                 .await
                 .map(|_| ())
