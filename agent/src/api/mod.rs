@@ -10,3 +10,4 @@ mod status;
 pub(crate) use access::Access;
 pub(crate) use agent::AgentService;
 pub(crate) use secrets::SecretsService;
+pub(crate) use status::run_code;
