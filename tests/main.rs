@@ -37,6 +37,8 @@ mod openbao;
 #[cfg(test)]
 mod operations;
 #[cfg(test)]
+mod providers;
+#[cfg(test)]
 mod reflection;
 #[cfg(test)]
 mod registries;
