@@ -23,6 +23,8 @@ mod harness;
 #[cfg(test)]
 mod api_access;
 #[cfg(test)]
+mod audit;
+#[cfg(test)]
 mod containerd_versions;
 #[cfg(test)]
 mod errors;

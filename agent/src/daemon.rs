@@ -310,8 +310,8 @@ async fn reopen_on_sighup(reopen: AuditReopen, stop: CancellationToken) {
                 if received.is_none() {
                     return;
                 }
-                info!("sighup: reopening the audit log");
                 reopen.reopen();
+                info!("sighup: reopening the audit log");
             }
         }
     }
