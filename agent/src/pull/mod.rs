@@ -5,6 +5,7 @@
 mod bandwidth;
 mod blob;
 pub(crate) mod cosign;
+mod explain;
 pub(crate) mod manifest;
 pub(crate) mod mirror;
 pub(crate) mod policy;
