@@ -29,6 +29,8 @@ mod containerd_versions;
 #[cfg(test)]
 mod errors;
 #[cfg(test)]
+mod explain;
+#[cfg(test)]
 mod leaks;
 #[cfg(test)]
 mod limits;
