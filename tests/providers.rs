@@ -31,6 +31,11 @@ pub(crate) enum Plugin<'a> {
         user: &'a RegistryUser,
         cache_duration: &'a str,
     },
+    /// Like `Answer` (cacheDuration 300s), after a one-second pause: orders arrive meanwhile.
+    Delayed {
+        host: &'a str,
+        user: &'a RegistryUser,
+    },
     /// Starts a background child, then hangs.
     Hang,
     /// Prints something that is not a CredentialProviderResponse (with `needle` in it).
@@ -54,21 +59,25 @@ impl Script {
         let request = dir.join(format!("{name}.request"));
         let env = dir.join(format!("{name}.env"));
         let pids = dir.join(format!("{name}.pids"));
-        let body = match plugin {
-            Plugin::Answer {
-                host,
-                user,
-                cache_duration,
-            } => format!(
+        let answer = |host: &str, user: &RegistryUser, cache_duration: &str| {
+            format!(
                 "cat <<'JSON'\n{}\nJSON\n",
                 serde_json::json!({
                     "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
                     "kind": "CredentialProviderResponse",
                     "cacheKeyType": "Registry",
                     "cacheDuration": cache_duration,
-                    "auth": { (*host): { "username": user.username, "password": user.password } },
+                    "auth": { host: { "username": user.username, "password": user.password } },
                 })
-            ),
+            )
+        };
+        let body = match plugin {
+            Plugin::Answer {
+                host,
+                user,
+                cache_duration,
+            } => answer(host, user, cache_duration),
+            Plugin::Delayed { host, user } => format!("sleep 1\n{}", answer(host, user, "300s")),
             Plugin::Hang => format!(
                 "sleep 1000 &\necho $! >> '{pids}'\necho $$ >> '{pids}'\nsleep 1000\n",
                 pids = pids.display()
@@ -177,6 +186,7 @@ async fn a_provider_serves_listed_projects_only_and_its_answer_is_cached() -> an
     let host = env.registry.addr().to_owned();
     let cached = push(&env, "cached/app").await?;
     let short = push(&env, "short/app").await?;
+    let flight = push(&env, "flight/app").await?;
     let cached_script = Script::write(
         env.scratch_dir(),
         "cached",
@@ -195,9 +205,18 @@ async fn a_provider_serves_listed_projects_only_and_its_answer_is_cached() -> an
             cache_duration: "1s",
         },
     )?;
+    let flight_script = Script::write(
+        env.scratch_dir(),
+        "flight",
+        &Plugin::Delayed {
+            host: &host,
+            user: &env.user,
+        },
+    )?;
     let mut config = env.host_config();
     config.tables_toml = cached_script.table("cached", &format!("{host}/cached"), 10)
-        + &short_script.table("short", &format!("{host}/short"), 10);
+        + &short_script.table("short", &format!("{host}/short"), 10)
+        + &flight_script.table("flight", &format!("{host}/flight"), 10);
     let berthd = HostBerthd::start(&config, &HostEnvironment::default()).await?;
 
     // Another project: refused, and the plugin never ran.
@@ -267,6 +286,18 @@ async fn a_provider_serves_listed_projects_only_and_its_answer_is_cached() -> an
         },
     )
     .await?;
+
+    // Single flight: four orders at once while the plugin runs, one run.
+    let reference = flight.reference();
+    let pulls = (0..4).map(|_| pull(&berthd, ALLOWED, &reference));
+    for result in futures::future::join_all(pulls).await {
+        result?.map_err(|status| anyhow::anyhow!("{status:?}"))?;
+    }
+    assert_eq!(
+        flight_script.run_count(),
+        1,
+        "concurrent orders ran the plugin again"
+    );
 
     let log = berthd.log_text();
     assert!(

@@ -614,6 +614,36 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn cached_answers_follow_their_key_type_and_expire() {
+        let provider = provider();
+        let one = ImageRef::parse("r.io/team/app:1").unwrap();
+        let two = ImageRef::parse("r.io/team/other:1").unwrap();
+        let answer = |key_type: &str, duration: &str| {
+            let text = format!(
+                r#"{{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialProviderResponse","cacheKeyType":"{key_type}","cacheDuration":"{duration}","auth":{{"r.io":{{"username":"u","password":"p"}}}}}}"#
+            );
+            provider.parse_answer(&one, text.as_bytes()).unwrap()
+        };
+        // Image: only that image.
+        let (key, cached) = answer("Image", "10s");
+        provider.lock_cache().insert(key, cached);
+        assert!(provider.cached(&one, "r.io/team/app").is_some());
+        assert!(provider.cached(&two, "r.io/team/other").is_none());
+        // Global: every image; gone after its duration.
+        let (key, cached) = answer("Global", "10s");
+        assert_eq!(key, "global");
+        provider.lock_cache().insert(key, cached);
+        assert!(provider.cached(&two, "r.io/team/other").is_some());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(provider.cached(&one, "r.io/team/app").is_none());
+        assert!(provider.cached(&two, "r.io/team/other").is_none());
+        // No cacheDuration: default_cache_seconds (60 s here).
+        let text = br#"{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialProviderResponse","cacheKeyType":"Registry","auth":{}}"#;
+        let (_, cached) = provider.parse_answer(&one, text).unwrap();
+        assert_eq!(cached.expires_at - Instant::now(), Duration::from_secs(60));
+    }
+
     #[tokio::test]
     async fn a_project_not_listed_never_runs_the_plugin() {
         let providers = CredentialProviders {
