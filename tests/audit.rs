@@ -13,8 +13,9 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tonic::Code;
 
-use crate::harness::host::OpsEnv;
-use crate::harness::host::{HostBerthd, HostEnvironment};
+use crate::harness::exposition::scrape;
+use crate::harness::free_local_port;
+use crate::harness::host::{HostBerthd, HostEnvironment, OpsEnv};
 use crate::harness::token_server::Grants;
 use crate::harness::wait::{assert_eventually, wait_for};
 use crate::leaks::needles_in;
@@ -219,5 +220,35 @@ async fn every_credential_use_is_one_audit_line_and_sighup_reopens_the_file() ->
         let found = needles_in(&bytes, &needles);
         assert!(found.is_empty(), "{}: {found:?}", path.display());
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_audit_log_that_cannot_be_written_never_fails_an_order() -> anyhow::Result<()> {
+    let env = OpsEnv::start().await?;
+    env.token_server
+        .grant_anonymous(Grants::none().pull("public/app"));
+    let public = push(&env, "public/app").await?;
+    let mut config = env.host_config();
+    // A directory that does not exist: every line fails.
+    let audit_path = env.scratch_dir().join("missing").join("audit.log");
+    config.top_level_toml = format!("audit_log = {:?}", audit_path.to_string_lossy());
+    config.metrics_listen = format!("127.0.0.1:{}", free_local_port()?);
+    let berthd = HostBerthd::start(&config, &HostEnvironment::default()).await?;
+    berthd
+        .run_to_completion(&public.reference(), "", PullPolicy::IfNotPresent)
+        .await?;
+    assert_eventually(
+        "the failed audit lines to be counted",
+        Duration::from_secs(10),
+        || async {
+            let (_, metrics) = scrape(berthd.metrics_addr()).await?;
+            Ok(metrics
+                .value("berth_audit_write_errors_total", &[])
+                .is_some_and(|count| count >= 2.0))
+        },
+    )
+    .await?;
+    assert!(!audit_path.exists());
     Ok(())
 }

@@ -15,10 +15,11 @@ use berth::api::pb::{ContainerSpec, PullImageRequest, StartContainerRequest};
 use tonic::Code;
 
 use crate::harness::credentials::RegistryUser;
+use crate::harness::exposition::scrape;
 use crate::harness::host::{HostBerthd, HostEnvironment, OpsEnv};
 use crate::harness::image::{PushedImage, TestImage};
-use crate::harness::random_lowercase;
 use crate::harness::wait::{assert_eventually, ORDER_TIMEOUT};
+use crate::harness::{free_local_port, random_lowercase};
 
 /// The project the providers serve.
 pub(crate) const ALLOWED: &str = "team-a";
@@ -349,6 +350,7 @@ async fn failing_providers_are_unavailable_and_refused_ones_permission_denied() 
     config.tables_toml = hang_script.table("hang", &format!("{host}/hang"), 1)
         + &garbage_script.table("garbage", &format!("{host}/garbage"), 10)
         + &refused_script.table("refused", &format!("{host}/refused"), 10);
+    config.metrics_listen = format!("127.0.0.1:{}", free_local_port()?);
     let berthd = HostBerthd::start(&config, &HostEnvironment::default()).await?;
 
     // A plugin that hangs: UNAVAILABLE naming it, and its process group is gone.
@@ -383,6 +385,25 @@ async fn failing_providers_are_unavailable_and_refused_ones_permission_denied() 
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("provider:refused"), "{status:?}");
     assert!(!status.message().contains(&wrong.password), "{status:?}");
+
+    // berth_credential_provider_requests_total{provider,result}
+    let (_, metrics) = scrape(berthd.metrics_addr()).await?;
+    for (provider, result) in [
+        ("hang", "timeout"),
+        ("garbage", "invalid"),
+        ("refused", "ok"),
+    ] {
+        let count = metrics.value(
+            "berth_credential_provider_requests_total",
+            &[("provider", provider), ("result", result)],
+        );
+        assert_eq!(
+            count,
+            Some(1.0),
+            "{provider}: {:?}",
+            metrics.lines_starting("berth_credential_provider")
+        );
+    }
 
     let log = berthd.log_text();
     for secret in [needle.as_str(), wrong.password.as_str()] {
