@@ -12,6 +12,8 @@
 //! - `seed_flow`, `reflection`, `leaks`, `errors`, `registries`: the product, end to end
 //!   (`registries`: ACR and GAR credentials, and Docker's on the token registry; `openbao`: the
 //!   OpenBao secret backend against `bao server -dev`).
+//! - `providers`, `audit`, `explain`: `[[credential_provider]]` plugins (shell scripts speaking
+//!   kubelet's credential provider API), the audit log, and ExplainPull.
 //! - `signatures`: `[[policy]]` signature checks against images the real cosign signed
 //!   (`scripts/cosign.sh` fetches cosign 3 on first use).
 //! - `security`, `limits`, `api_access`: the security properties (hostile registries, tenants,
