@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, OwnedRwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
-use crate::audit::{AuditAction, AuditLog, AuditSubject, ANONYMOUS};
+use crate::audit::{AuditAction, AuditLog, AuditSubject};
 use crate::auth::{AuthError, Authenticator};
 use crate::containerd::{
     ContainerRecord, Containerd, ContainerdError, ContainerdVersion, NewContainer,
@@ -27,10 +27,14 @@ use crate::secret::provider::{CredentialProviders, ProviderError};
 use crate::secret::{SecretError, SecretId, SecretStore, StoredSecret};
 use crate::spec::{self, SpecError, SpecInput};
 
+mod audit;
+mod explain;
 mod gc;
 mod prune;
 mod queue;
 
+use audit::audit_subject;
+pub(crate) use explain::PullPlan;
 pub(crate) use gc::GcSettings;
 use queue::{PullQueue, PullTurn};
 
@@ -132,22 +136,6 @@ impl crate::pull::UncountedPull for RunError {
             | AuthError::Client(_) => Some("error"),
         }
     }
-}
-
-/// What a pull of an image would do now (ExplainPull).
-#[derive(Debug, Clone)]
-pub(crate) struct PullPlan {
-    pub(crate) image: String,
-    pub(crate) digest: String,
-    pub(crate) endpoint: String,
-    pub(crate) credential: String,
-    pub(crate) realm: String,
-    pub(crate) scope: String,
-    pub(crate) present: bool,
-    pub(crate) bytes_to_fetch: u64,
-    pub(crate) access: String,
-    pub(crate) policy: String,
-    pub(crate) signature: String,
 }
 
 /// A container's state as the API reports it.
@@ -482,120 +470,6 @@ impl Runner {
         result
     }
 
-    /// What pulling `image` for `project` with `pull_secret` would do now, walking the real
-    /// path (secret or provider, mirrors, challenge and realm check, token, manifest, presence
-    /// and access check, signature policy) without fetching a blob or writing anything.
-    /// Failures on that path are the errors a pull would give; the access check of a cached
-    /// image is reported in the plan. The token use is audited (`action: token`).
-    #[instrument(skip_all, fields(project = %project, image = %image))]
-    pub(crate) async fn explain(
-        &self,
-        project: &str,
-        image: &ImageRef,
-        pull_secret: Option<&str>,
-    ) -> Result<PullPlan, RunError> {
-        let secret = self.load_secret(project, pull_secret, image).await?;
-        let secret = secret.as_ref();
-        let subject = audit_subject(project, "", secret);
-        let secret_id = secret.map(|secret| secret.meta.id.to_string());
-        let mirrored = self
-            .puller
-            .explain_mirrors(image, project, secret)
-            .await
-            .map_err(RunError::from);
-        let resolution = match mirrored {
-            Ok(Some(resolution)) => {
-                self.audit_use(
-                    &subject,
-                    image,
-                    "",
-                    AuditAction::Token,
-                    &Ok::<(), RunError>(()),
-                );
-                resolution
-            }
-            Ok(None) => {
-                let grant = self.auth.grant(secret, image).await.map_err(RunError::from);
-                self.audit_use(&subject, image, "", AuditAction::Token, &grant);
-                self.puller
-                    .explain_upstream(image, project, grant?.auth, secret_id.as_deref())
-                    .await?
-            }
-            Err(err) => {
-                self.audit.record(
-                    &subject,
-                    image.registry(),
-                    image.repository(),
-                    "",
-                    AuditAction::Token,
-                    crate::audit::code_name(crate::api::run_code(&err)),
-                );
-                return Err(err);
-            }
-        };
-        let realm = self
-            .auth
-            .realm_at(&resolution.host, resolution.plain_http)
-            .await?
-            .unwrap_or_default();
-        let scope = if realm.is_empty() {
-            String::new()
-        } else {
-            format!("repository:{}:pull", image.repository())
-        };
-        let cached = self.puller.load(image).await?;
-        let access = match &cached {
-            Some(pulled) if pulled.private => {
-                let order = ExplainOrder { project, image };
-                match self.explain_access(&order, secret, pulled).await {
-                    Ok(()) => "ok",
-                    Err(err) => crate::audit::code_name(crate::api::run_code(&err)),
-                }
-            }
-            Some(_) | None => "ok",
-        };
-        Ok(PullPlan {
-            image: image.to_string(),
-            digest: resolution.manifest_digest,
-            endpoint: resolution.endpoint,
-            credential: subject.credential,
-            realm,
-            scope,
-            present: cached.is_some(),
-            bytes_to_fetch: resolution.bytes_to_fetch,
-            access: access.to_owned(),
-            policy: resolution.policy,
-            signature: resolution.signature,
-        })
-    }
-
-    /// The access check a start of the cached private `pulled` would make (TTL included).
-    async fn explain_access(
-        &self,
-        order: &ExplainOrder<'_>,
-        secret: Option<&StoredSecret>,
-        pulled: &PulledImage,
-    ) -> Result<(), RunError> {
-        let Some(key) = access_key(order.project, order.image, secret, pulled) else {
-            return Err(PullError::Denied {
-                registry: order.image.registry().to_owned(),
-                repository: order.image.repository().to_owned(),
-                secret: None,
-            }
-            .into());
-        };
-        if self.access_checks.recently_passed(&key) {
-            return Ok(());
-        }
-        let subject = audit_subject(order.project, "", secret);
-        let secret_id = key.secret.clone();
-        self.with_grant(&subject, secret, order.image, |auth| {
-            self.puller
-                .check_access(order.image, auth, Some(&secret_id))
-        })
-        .await
-    }
-
     /// Present and allowed, or pulled now, per the order's pull policy; returned with a read
     /// lock on the image that the caller holds until its container record references it.
     async fn ensure_image(
@@ -826,66 +700,6 @@ impl Runner {
                 Ok(op(fresh.auth).await?)
             }
             result => Ok(result?),
-        }
-    }
-
-    /// Registry authentication for `secret`; a token request (not a cache hit) is audited.
-    pub(crate) async fn grant(
-        &self,
-        subject: &AuditSubject,
-        secret: Option<&StoredSecret>,
-        image: &ImageRef,
-    ) -> Result<crate::auth::Grant, RunError> {
-        let result = self.auth.grant(secret, image).await.map_err(RunError::from);
-        if !result.as_ref().is_ok_and(|grant| grant.cached) {
-            self.audit_use(subject, image, "", AuditAction::Token, &result);
-        }
-        result
-    }
-
-    /// One audit line for a use of `subject`'s credential on `image`.
-    pub(crate) fn audit_use<T>(
-        &self,
-        subject: &AuditSubject,
-        image: &ImageRef,
-        digest: &str,
-        action: AuditAction,
-        result: &Result<T, RunError>,
-    ) {
-        let outcome = match result {
-            Ok(_) => "ok",
-            Err(err) => crate::audit::code_name(crate::api::run_code(err)),
-        };
-        self.audit.record(
-            subject,
-            image.registry(),
-            image.repository(),
-            digest,
-            action,
-            outcome,
-        );
-    }
-
-    /// The audit lines of a pull: the pull itself and, when a policy had its signature
-    /// fetched, the signature fetch.
-    fn audit_pull(
-        &self,
-        subject: &AuditSubject,
-        image: &ImageRef,
-        result: &Result<PulledImage, RunError>,
-    ) {
-        let digest = result
-            .as_ref()
-            .map(|pulled| pulled.manifest_digest.as_str())
-            .unwrap_or_default();
-        self.audit_use(subject, image, digest, AuditAction::Pull, result);
-        let signature_checked = match result {
-            Ok(_) => true,
-            Err(RunError::Pull(err)) => err.is_signature(),
-            Err(_) => false,
-        };
-        if signature_checked && self.puller.signature_required(image, &subject.project) {
-            self.audit_use(subject, image, digest, AuditAction::Signature, result);
         }
     }
 
@@ -1125,28 +939,6 @@ fn access_key(
         repository: format!("{}/{}", image.registry(), image.repository()),
         digest: pulled.manifest_digest.clone(),
     })
-}
-
-/// The project and image an ExplainPull asks about.
-#[derive(Debug)]
-struct ExplainOrder<'a> {
-    project: &'a str,
-    image: &'a ImageRef,
-}
-
-/// Who an audit line is about: `project`'s order `order_id` (empty for PullImage) with
-/// `secret` (anonymous without one).
-pub(crate) fn audit_subject(
-    project: &str,
-    order_id: &str,
-    secret: Option<&StoredSecret>,
-) -> AuditSubject {
-    AuditSubject {
-        project: project.to_owned(),
-        order_id: order_id.to_owned(),
-        credential: secret
-            .map_or_else(|| ANONYMOUS.to_owned(), |secret| secret.meta.id.to_string()),
-    }
 }
 
 /// The per-image reader-writer lock key, shared by start orders, pulls and prune.
