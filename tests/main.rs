@@ -13,6 +13,8 @@
 //! - `seed_flow`, `reflection`, `leaks`, `errors`, `registries`: the product, end to end
 //!   (`registries`: ACR and GAR credentials, and Docker's on the token registry; `openbao`: the
 //!   OpenBao secret backend against `bao server -dev`).
+//! - `providers`, `audit`, `explain`: `[[credential_provider]]` plugins (shell scripts speaking
+//!   kubelet's credential provider API), the audit log, and ExplainPull.
 //! - `signatures`: `[[policy]]` signature checks against images the real cosign signed
 //!   (`scripts/cosign.sh` fetches cosign 3 on first use).
 //! - `interop`: gRPC clients berth did not write (Python grpcio, Node grpc-js, grpcurl without
@@ -27,9 +29,13 @@ mod harness;
 #[cfg(test)]
 mod api_access;
 #[cfg(test)]
+mod audit;
+#[cfg(test)]
 mod containerd_versions;
 #[cfg(test)]
 mod errors;
+#[cfg(test)]
+mod explain;
 #[cfg(test)]
 mod interop;
 #[cfg(test)]
@@ -42,6 +48,8 @@ mod mirrors;
 mod openbao;
 #[cfg(test)]
 mod operations;
+#[cfg(test)]
+mod providers;
 #[cfg(test)]
 mod reflection;
 #[cfg(test)]

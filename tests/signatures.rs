@@ -7,7 +7,7 @@
 //! credential stays out of berthd's log and containerd's files.
 
 use anyhow::Context as _;
-use berth::api::pb::PullPolicy;
+use berth::api::pb::{PullImageRequest, PullPolicy};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
 use reqwest::header::HeaderValue;
@@ -270,6 +270,8 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
     let mut config = env.host_config();
     config.metrics_listen = format!("127.0.0.1:{}", free_local_port()?);
     config.tables_toml = cosign_policy(&pattern, &[&team, &second]);
+    let audit_path = env.scratch_dir().join("audit.log");
+    config.top_level_toml = format!("audit_log = {:?}", audit_path.to_string_lossy());
     let berthd = HostBerthd::start(&config, &HostEnvironment::default()).await?;
     let secret = berthd
         .create_docker_secret("reg", &registry, &env.user)
@@ -311,6 +313,65 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
         .cli_ok(&["pull", &tag.reference(), "--pull-secret", &secret], None)
         .await?;
     assert!(pulled.contains("signature verified"), "{pulled}");
+
+    // ExplainPull checks the same way: verified, or the refusal a pull would give.
+    let explain = |image: &PushedImage| {
+        let request = PullImageRequest {
+            project: String::new(),
+            image: image.reference(),
+            pull_secret: secret.clone(),
+        };
+        async {
+            anyhow::Ok(
+                berthd
+                    .agent()
+                    .await?
+                    .explain_pull(request)
+                    .await?
+                    .into_inner(),
+            )
+        }
+    };
+    let plan = explain(&by_second).await?;
+    assert_eq!(plan.policy, pattern);
+    assert_eq!(plan.signature, "verified");
+    let plan = explain(&unsigned).await?;
+    assert_eq!(plan.policy, pattern);
+    for part in [
+        "signature",
+        "no signature found",
+        unsigned.manifest_digest.as_str(),
+    ] {
+        assert!(plan.signature.contains(part), "{plan:?}");
+    }
+    let plan = explain(&unchecked).await?;
+    assert_eq!(
+        (plan.policy.as_str(), plan.signature.as_str()),
+        ("", "not required")
+    );
+
+    // Each signature fetch is an audit line.
+    let audit = std::fs::read_to_string(&audit_path)?;
+    let lines: Vec<Value> = audit
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let signature_line = |repository: &str, result: &str| {
+        lines.iter().any(|line| {
+            line["action"] == "signature"
+                && line["repository"] == repository
+                && line["result"] == result
+                && line["credential"] == secret.as_str()
+        })
+    };
+    assert!(signature_line("signed/bundle", "ok"), "{audit}");
+    assert!(
+        signature_line("signed/unsigned", "FAILED_PRECONDITION"),
+        "{audit}"
+    );
+    assert!(!lines
+        .iter()
+        .any(|line| line["action"] == "signature" && line["repository"] == "unchecked/app"));
 
     let (_, metrics) = scrape(berthd.metrics_addr()).await?;
     let count = |result: &str| {

@@ -42,6 +42,9 @@ pub struct Config {
     pub security: SecurityConfig,
     pub gc: GcConfig,
     pub policy: Vec<PolicyConfig>,
+    /// "" = off; a path: one JSON line (0600) per credential use.
+    pub audit_log: String,
+    pub credential_provider: Vec<CredentialProviderConfig>,
 }
 
 impl Default for Config {
@@ -61,6 +64,8 @@ impl Default for Config {
             security: SecurityConfig::default(),
             gc: GcConfig::default(),
             policy: Vec::new(),
+            audit_log: String::new(),
+            credential_provider: Vec::new(),
         }
     }
 }
@@ -374,6 +379,37 @@ pub enum VerifyKind {
     None,
 }
 
+/// `[[credential_provider]]`: a kubelet credential provider plugin
+/// (`credentialprovider.kubelet.k8s.io/v1`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialProviderConfig {
+    pub name: String,
+    pub command: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The only environment the plugin gets, beside `PATH`.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// kubelet's `matchImages` syntax.
+    pub match_images: Vec<String>,
+    /// Projects whose orders may use it; empty = none.
+    #[serde(default)]
+    pub projects: Vec<String>,
+    #[serde(default = "default_provider_cache_seconds")]
+    pub default_cache_seconds: u64,
+    #[serde(default = "default_provider_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+fn default_provider_cache_seconds() -> u64 {
+    300
+}
+
+fn default_provider_timeout_seconds() -> u64 {
+    10
+}
+
 /// Where the API listens, parsed from `listen`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -479,7 +515,63 @@ impl Config {
         }
         self.validate_mirrors()?;
         self.gc.validate()?;
+        if !self.audit_log.is_empty() && !Path::new(&self.audit_log).is_absolute() {
+            return Err(invalid("audit_log", "must be empty or an absolute path"));
+        }
+        self.validate_credential_providers()?;
         self.validate_policies()
+    }
+
+    /// `[[credential_provider]]`: a unique DNS-label name, an absolute command, well-formed
+    /// `match_images`, a positive timeout.
+    fn validate_credential_providers(&self) -> Result<(), ConfigError> {
+        let mut names = Vec::new();
+        for (index, entry) in self.credential_provider.iter().enumerate() {
+            let entry_err = |key: &'static str, reason: String| ConfigError::Invalid {
+                key,
+                reason: format!("entry {}: {reason}", index + 1),
+            };
+            if !crate::order::is_dns_label(&entry.name) {
+                return Err(entry_err(
+                    "credential_provider.name",
+                    "must be a DNS label ([a-z0-9-], at most 63)".to_owned(),
+                ));
+            }
+            if names.contains(&entry.name) {
+                return Err(entry_err(
+                    "credential_provider.name",
+                    format!("{} is used twice", entry.name),
+                ));
+            }
+            names.push(entry.name.clone());
+            if !entry.command.is_absolute() {
+                return Err(entry_err(
+                    "credential_provider.command",
+                    "must be an absolute path".to_owned(),
+                ));
+            }
+            if entry.match_images.is_empty() {
+                return Err(entry_err(
+                    "credential_provider.match_images",
+                    "needs at least one pattern".to_owned(),
+                ));
+            }
+            for pattern in &entry.match_images {
+                crate::secret::provider::MatchImage::parse(pattern).map_err(|reason| {
+                    entry_err(
+                        "credential_provider.match_images",
+                        format!("{pattern:?}: {reason}"),
+                    )
+                })?;
+            }
+            if entry.timeout_seconds == 0 {
+                return Err(entry_err(
+                    "credential_provider.timeout_seconds",
+                    "must be at least 1".to_owned(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `[[policy]]`: patterns well formed, `cosign` with keys; `notation` is not supported yet

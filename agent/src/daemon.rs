@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::api::pb::agent_server::AgentServer;
 use crate::api::pb::secrets_server::SecretsServer;
 use crate::api::{pb, Access, AgentService, SecretsService, UnixFront};
+use crate::audit::{AuditLog, AuditReopen};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::containerd::{Containerd, MINIMUM_VERSION};
@@ -151,6 +152,20 @@ pub async fn run(
         config.security.access_check_ttl_seconds,
     ))
     .with_max_concurrent_pulls(config.registry.max_concurrent_pulls);
+    let providers = crate::secret::provider::CredentialProviders::from_config(
+        &config.credential_provider,
+        metrics.clone(),
+    )
+    .map_err(|reason| ConfigError::Invalid {
+        key: "credential_provider.match_images",
+        reason: reason.to_owned(),
+    })?;
+    let audit_stop = CancellationToken::new();
+    let (audit, audit_reopen, audit_writer) =
+        AuditLog::open(&config.audit_log, metrics.clone(), audit_stop.clone());
+    let runner = runner
+        .with_credential_providers(providers)
+        .with_audit(audit);
     let gc = config.gc.enabled.then(|| GcSettings {
         path: config.gc.path.clone(),
         high_percent: config.gc.high_percent,
@@ -164,6 +179,12 @@ pub async fn run(
         None => runner,
     };
     let tasks = TaskTracker::new();
+    // The audit log's own tracker: it stops only after the orders, whose lines it writes.
+    let audit_tasks = TaskTracker::new();
+    if let Some(writer) = audit_writer {
+        audit_tasks.spawn(writer.run());
+        audit_tasks.spawn(reopen_on_sighup(audit_reopen, audit_stop.clone()));
+    }
     let gc_stop = CancellationToken::new();
     if let Some(settings) = gc {
         tasks.spawn(runner.clone().image_gc_loop(settings, gc_stop.clone()));
@@ -271,7 +292,33 @@ pub async fn run(
     {
         warn!("in-flight orders still running at the end of the grace period");
     }
+    audit_stop.cancel();
+    audit_tasks.close();
+    audit_tasks.wait().await;
     result
+}
+
+/// SIGHUP reopens the audit log (after logrotate moved it), until `stop`.
+async fn reopen_on_sighup(reopen: AuditReopen, stop: CancellationToken) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            warn!(error = %err, "cannot listen for SIGHUP; the audit log will not be reopened");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            received = hangups.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                reopen.reopen();
+                info!("sighup: reopening the audit log");
+            }
+        }
+    }
 }
 
 /// Serves Prometheus text at `http://<address>/metrics` until `stop` is cancelled.

@@ -17,6 +17,7 @@
 //! - `spec`: builds the OCI runtime spec from the image config and the order; it cannot see a
 //!   credential, it takes none.
 //! - `run`: drives one order through all stages; all state lives in containerd labels.
+//! - `audit`: one JSON line per credential use (`audit_log`), written by its own task.
 //! - `metrics`: the Prometheus exposition; `daemon`: sockets, readiness, shutdown.
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod telemetry;
 
+pub(crate) mod audit;
 pub(crate) mod auth;
 pub(crate) mod containerd;
 pub(crate) mod health;

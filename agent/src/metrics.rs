@@ -44,6 +44,13 @@ pub(crate) struct SignatureLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ProviderLabels {
+    pub(crate) provider: String,
+    /// ok | failed | timeout | invalid
+    pub(crate) result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StateLabels {
     pub(crate) state: &'static str,
 }
@@ -73,6 +80,10 @@ pub(crate) struct Metrics {
     /// Images removed by the automatic image GC (`[gc]`).
     pub(crate) gc_removed_images: Counter,
     pub(crate) signature_verifications: Family<SignatureLabels, Counter>,
+    /// Runs of `[[credential_provider]]` plugins by provider and result.
+    pub(crate) credential_provider_requests: Family<ProviderLabels, Counter>,
+    /// Audit lines dropped or not written (`audit_log`).
+    pub(crate) audit_write_errors: Counter,
     /// 1 for the version of the containerd berthd last reached; no sample before that.
     containerd_info: Family<VersionLabels, Gauge>,
 }
@@ -96,6 +107,18 @@ impl Default for Metrics {
         let pulls_queued = Gauge::default();
         let gc_removed_images = Counter::default();
         let signature_verifications = Family::<SignatureLabels, Counter>::default();
+        let credential_provider_requests = Family::<ProviderLabels, Counter>::default();
+        let audit_write_errors = Counter::default();
+        registry.register(
+            "berth_credential_provider_requests",
+            "Runs of credential provider plugins by provider and result",
+            credential_provider_requests.clone(),
+        );
+        registry.register(
+            "berth_audit_write_errors",
+            "Audit lines dropped or not written",
+            audit_write_errors.clone(),
+        );
         registry.register(
             "berth_signature_verifications",
             "Image signature verifications against [[policy]] by result",
@@ -181,6 +204,8 @@ impl Default for Metrics {
             pulls_queued,
             gc_removed_images,
             signature_verifications,
+            credential_provider_requests,
+            audit_write_errors,
             containerd_info,
         }
     }

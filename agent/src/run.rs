@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, OwnedRwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
+use crate::audit::{AuditAction, AuditLog, AuditSubject};
 use crate::auth::{AuthError, Authenticator};
 use crate::containerd::{
     ContainerRecord, Containerd, ContainerdError, ContainerdVersion, NewContainer,
@@ -22,13 +23,18 @@ use crate::locks::{KeyedLocks, KeyedRwLocks};
 use crate::metrics::{SharedMetrics, StateLabels};
 use crate::order::{ImageRef, Order, OrderError, PullPolicy};
 use crate::pull::{PullError, PullProgress, PulledImage, Puller};
+use crate::secret::provider::{CredentialProviders, ProviderError};
 use crate::secret::{SecretError, SecretId, SecretStore, StoredSecret};
 use crate::spec::{self, SpecError, SpecInput};
 
+mod audit;
+mod explain;
 mod gc;
 mod prune;
 mod queue;
 
+use audit::audit_subject;
+pub(crate) use explain::PullPlan;
 pub(crate) use gc::GcSettings;
 use queue::{PullQueue, PullTurn};
 
@@ -52,6 +58,8 @@ pub(crate) enum RunError {
     Order(#[from] OrderError),
     #[error(transparent)]
     Secret(#[from] SecretError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -192,6 +200,10 @@ pub(crate) struct Runner {
     pull_queue: Arc<PullQueue>,
     /// How stale an image's `berth.dev/last-used` may get before an order refreshes it.
     touch_every: Duration,
+    /// `[[credential_provider]]`: credentials for orders without a pull secret.
+    providers: Arc<CredentialProviders>,
+    /// `audit_log`: one line per credential use.
+    audit: AuditLog,
 }
 
 impl Runner {
@@ -215,7 +227,21 @@ impl Runner {
             access_checks: Arc::default(),
             pull_queue: Arc::default(),
             touch_every: Duration::from_secs(60),
+            providers: Arc::default(),
+            audit: AuditLog::default(),
         }
+    }
+
+    /// Credential provider plugins for orders without a pull secret.
+    pub(crate) fn with_credential_providers(mut self, providers: CredentialProviders) -> Self {
+        self.providers = Arc::new(providers);
+        self
+    }
+
+    /// Where credential uses are recorded.
+    pub(crate) fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Images' last use is recorded finely enough for `[gc]`'s `min_age_seconds`.
@@ -282,7 +308,7 @@ impl Runner {
         }
 
         let secret = self
-            .load_secret(&order.project, order.pull_secret.as_deref())
+            .load_secret(&order.project, order.pull_secret.as_deref(), &order.image)
             .await?;
         // A read lock on the image, held until the container record references it, so neither
         // a pull nor a prune can take the image out from under this order; orders for a present
@@ -404,15 +430,17 @@ impl Runner {
         progress: mpsc::Sender<PullProgress>,
         cancel: CancellationToken,
     ) -> Result<PulledImage, RunError> {
-        let secret = self.load_secret(project, pull_secret).await?;
+        let secret = self.load_secret(project, pull_secret, image).await?;
         let secret_id = secret.as_ref().map(|s| s.meta.id.to_string());
+        let subject = audit_subject(project, "", secret.as_ref());
         // One pull per image at a time: a start order for the same image waits and then finds
         // it present, instead of downloading the same blobs beside this pull.
         let _pull_guard = self.locks.lock(pull_lock(image)).await;
         let _turn = self.turn(image, Some(&progress), &cancel).await?;
         let _image_guard = self.image_locks.write(image_lock(image)).await;
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
-        self.puller
+        let result = self
+            .puller
             .pull_mirrors_first(
                 image,
                 project,
@@ -420,7 +448,7 @@ impl Runner {
                 Some(progress.clone()),
                 || async {
                     let pulled = self
-                        .with_grant(secret.as_ref(), image, |auth| {
+                        .with_grant(&subject, secret.as_ref(), image, |auth| {
                             self.puller.pull(
                                 image,
                                 project,
@@ -437,7 +465,9 @@ impl Runner {
                     Ok::<_, RunError>(pulled)
                 },
             )
-            .await
+            .await;
+        self.audit_pull(&subject, image, &result);
+        result
     }
 
     /// Present and allowed, or pulled now, per the order's pull policy; returned with a read
@@ -494,12 +524,13 @@ impl Runner {
         let _turn = self.turn(image_ref, None, cancel).await?;
         let guard = self.image_locks.write(image_lock(image_ref)).await;
         let secret_id = secret.map(|s| s.meta.id.to_string());
+        let subject = audit_subject(&order.project, order.order_id.as_str(), secret);
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
-        let image = self
+        let result = self
             .puller
             .pull_mirrors_first(image_ref, &order.project, secret, None, || async {
                 let image = self
-                    .with_grant(secret, image_ref, |auth| {
+                    .with_grant(&subject, secret, image_ref, |auth| {
                         self.puller.pull(
                             image_ref,
                             &order.project,
@@ -516,8 +547,9 @@ impl Runner {
                 }
                 Ok::<_, RunError>(image)
             })
-            .await?;
-        Ok((image, guard.downgrade()))
+            .await;
+        self.audit_pull(&subject, image_ref, &result);
+        Ok((result?, guard.downgrade()))
     }
 
     /// Waits for a pull turn (`max_concurrent_pulls`); PullImage's stream hears `queued` first
@@ -570,16 +602,26 @@ impl Runner {
             .signature_check_due(image_ref, &order.project, &image)
         {
             let secret_id = secret.map(|secret| secret.meta.id.to_string());
-            self.with_grant(secret, image_ref, |auth| {
-                self.puller.check_cached_signature(
-                    image_ref,
-                    &order.project,
-                    &image,
-                    auth,
-                    secret_id.as_deref(),
-                )
-            })
-            .await?;
+            let subject = audit_subject(&order.project, order.order_id.as_str(), secret);
+            let result = self
+                .with_grant(&subject, secret, image_ref, |auth| {
+                    self.puller.check_cached_signature(
+                        image_ref,
+                        &order.project,
+                        &image,
+                        auth,
+                        secret_id.as_deref(),
+                    )
+                })
+                .await;
+            self.audit_use(
+                &subject,
+                image_ref,
+                &image.manifest_digest,
+                AuditAction::Signature,
+                &result,
+            );
+            result?;
         }
         Ok(Some(image))
     }
@@ -598,20 +640,38 @@ impl Runner {
         }
         // A cached private image starts only for an order whose credential the registry
         // accepts for that repository now.
+        let subject = audit_subject(&order.project, order.order_id.as_str(), secret);
         let Some(key) = access_key(&order.project, image_ref, secret, image) else {
-            return Err(PullError::Denied {
+            let refused = Err(PullError::Denied {
                 registry: image_ref.registry().to_owned(),
                 repository: image_ref.repository().to_owned(),
                 secret: None,
             }
             .into());
+            self.audit_use(
+                &subject,
+                image_ref,
+                &image.manifest_digest,
+                AuditAction::AccessCheck,
+                &refused,
+            );
+            return refused;
         };
         if !self.access_checks.recently_passed(&key) {
             let secret_id = key.secret.clone();
-            self.with_grant(secret, image_ref, |auth| {
-                self.puller.check_access(image_ref, auth, Some(&secret_id))
-            })
-            .await?;
+            let result = self
+                .with_grant(&subject, secret, image_ref, |auth| {
+                    self.puller.check_access(image_ref, auth, Some(&secret_id))
+                })
+                .await;
+            self.audit_use(
+                &subject,
+                image_ref,
+                &image.manifest_digest,
+                AuditAction::AccessCheck,
+                &result,
+            );
+            result?;
             self.access_checks.passed(key);
         }
         Ok(())
@@ -621,6 +681,7 @@ impl Runner {
     /// refuses is dropped and `op` runs once more with a fresh one.
     async fn with_grant<T, F, Fut>(
         &self,
+        subject: &AuditSubject,
         secret: Option<&StoredSecret>,
         image: &ImageRef,
         op: F,
@@ -629,27 +690,29 @@ impl Runner {
         F: Fn(RegistryAuth) -> Fut,
         Fut: Future<Output = Result<T, PullError>>,
     {
-        let grant = self.auth.grant(secret, image).await?;
+        let grant = self.grant(subject, secret, image).await?;
         match op(grant.auth).await {
             Err(PullError::Denied { .. }) if grant.cached => {
                 if let Some(secret) = secret {
                     self.auth.forget(secret, image);
                 }
-                let fresh = self.auth.grant(secret, image).await?;
+                let fresh = self.grant(subject, secret, image).await?;
                 Ok(op(fresh.auth).await?)
             }
             result => Ok(result?),
         }
     }
 
-    /// The order's pull secret, looked up within its project.
-    async fn load_secret(
+    /// The order's pull secret, looked up within its project; without one, the credential of
+    /// a `[[credential_provider]]` that serves this project and image, if any.
+    pub(crate) async fn load_secret(
         &self,
         project: &str,
         pull_secret: Option<&str>,
+        image: &ImageRef,
     ) -> Result<Option<StoredSecret>, RunError> {
         let Some(secret_ref) = pull_secret else {
-            return Ok(None);
+            return Ok(self.providers.credential(project, image).await?);
         };
         let id = SecretId::parse(secret_ref)?;
         Ok(Some(self.secrets.get(project, &id).await?))

@@ -62,6 +62,8 @@ pub struct HostConfig {
     pub mirrors: Vec<MirrorEntry>,
     /// Tables appended at the end (`[[policy]]`, `[security]`, ...).
     pub tables_toml: String,
+    /// More top-level keys (`audit_log = "..."`), one `key = value` per line.
+    pub top_level_toml: String,
 }
 
 impl HostConfig {
@@ -81,6 +83,7 @@ impl HostConfig {
             registry_toml: String::new(),
             mirrors: Vec::new(),
             tables_toml: String::new(),
+            top_level_toml: String::new(),
         }
     }
 }
@@ -127,13 +130,14 @@ fn config_toml(config: &HostConfig, dir: &Path, socket: &Path) -> anyhow::Result
         .map(|path| path.to_string_lossy().into_owned())
         .collect();
     let mut text = format!(
-        "listen = {listen}\nstate_dir = {state}\nmetrics_listen = {metrics}\n\n\
+        "listen = {listen}\nstate_dir = {state}\nmetrics_listen = {metrics}\n{top}\n\n\
          [containerd]\nsocket = {containerd}\nnamespace = {namespace}\n\n\
          [secrets]\nbackend = \"file\"\nkey_file = {key}\n\n\
          [registry]\nca_files = [{ca_files}]\nplain_http = [{plain_http}]\n{registry}\n",
         listen = toml_string(&format!("unix://{}", socket.display()))?,
         state = toml_string(&dir.join("state").to_string_lossy())?,
         metrics = toml_string(&config.metrics_listen)?,
+        top = config.top_level_toml.trim_end(),
         containerd = toml_string(&config.containerd_socket.to_string_lossy())?,
         namespace = toml_string(&config.namespace)?,
         key = toml_string(&dir.join("secrets.key").to_string_lossy())?,

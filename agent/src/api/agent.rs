@@ -82,6 +82,32 @@ impl pb::agent_server::Agent for AgentService {
 
     type PullImageStream = PullStream;
 
+    #[instrument(name = "explain", skip_all)]
+    async fn explain_pull(
+        &self,
+        request: Request<pb::PullImageRequest>,
+    ) -> Result<Response<pb::PullPlan>, Status> {
+        let project = parse_project(&request.get_ref().project)?;
+        self.access.check(&request, &project)?;
+        let request = request.into_inner();
+        let image = ImageRef::parse(&request.image)?;
+        let pull_secret = (!request.pull_secret.is_empty()).then_some(request.pull_secret);
+        let runner = self.runner.clone();
+        let plan = self
+            .tasks
+            .spawn(
+                async move {
+                    runner
+                        .explain(&project, &image, pull_secret.as_deref())
+                        .await
+                }
+                .in_current_span(),
+            )
+            .await
+            .map_err(|_| Status::internal("explain task failed"))??;
+        Ok(Response::new(convert::pull_plan(plan)))
+    }
+
     #[instrument(skip_all, fields(image = %request.get_ref().image))]
     async fn pull_image(
         &self,

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use super::pb;
 use crate::order::{OrderError, PullPolicy, RawOrder};
 use crate::pull::PullProgress;
-use crate::run::{ContainerState, ContainerView};
+use crate::run::{ContainerState, ContainerView, PullPlan};
 use crate::secret::{SecretKind, SecretMeta};
 
 pub(super) fn raw_order(request: pb::StartContainerRequest) -> Result<RawOrder, OrderError> {
@@ -106,6 +106,22 @@ pub(super) fn pull_event(progress: PullProgress) -> pb::PullEvent {
         }),
     };
     pb::PullEvent { event: Some(event) }
+}
+
+pub(super) fn pull_plan(plan: PullPlan) -> pb::PullPlan {
+    pb::PullPlan {
+        image: plan.image,
+        digest: plan.digest,
+        endpoint: plan.endpoint,
+        credential: plan.credential,
+        realm: plan.realm,
+        scope: plan.scope,
+        present: plan.present,
+        bytes_to_fetch: plan.bytes_to_fetch,
+        access: plan.access,
+        policy: plan.policy,
+        signature: plan.signature,
+    }
 }
 
 pub(super) fn timestamp(time: SystemTime) -> prost_types::Timestamp {

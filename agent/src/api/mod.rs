@@ -12,3 +12,4 @@ pub(crate) use access::Access;
 pub(crate) use agent::AgentService;
 pub(crate) use front::UnixFront;
 pub(crate) use secrets::SecretsService;
+pub(crate) use status::run_code;

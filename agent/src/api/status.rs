@@ -42,7 +42,8 @@ impl From<OrderError> for Status {
     }
 }
 
-fn run_code(err: &RunError) -> Code {
+/// The code `err` is answered with (also the `result` of its audit line).
+pub(crate) fn run_code(err: &RunError) -> Code {
     match err {
         RunError::Order(err) => order_code(err),
         RunError::Secret(err) => secret_code(err),
@@ -58,6 +59,8 @@ fn run_code(err: &RunError) -> Code {
             containerd_code(source)
         }
         RunError::Cancelled { .. } => Code::Cancelled,
+        // A plugin that failed, timed out or answered nonsense: it may answer later.
+        RunError::Provider(_) => Code::Unavailable,
         RunError::Log { .. } | RunError::DiskUse { .. } => Code::Internal,
     }
 }

@@ -291,6 +291,28 @@ impl Authenticator {
         Ok(RegistryAuth::Bearer(token.value.expose_secret().to_owned()))
     }
 
+    /// The token realm `host` (the registry, or a mirror) names in its challenge, after the
+    /// same checks as every token request; None when it asks for Basic or nothing. For
+    /// ExplainPull: nothing is sent but the `/v2/` ping.
+    pub(crate) async fn realm_at(
+        &self,
+        host: &str,
+        plain: bool,
+    ) -> Result<Option<String>, AuthError> {
+        match self.challenge_at(host, plain).await? {
+            Some(challenge::Challenge::Bearer { realm, .. }) => {
+                let plain_hosts: Vec<String> = if plain {
+                    vec![host.to_owned()]
+                } else {
+                    Vec::new()
+                };
+                let url = realm::check(&realm, host, &plain_hosts)?;
+                Ok(Some(url.to_string()))
+            }
+            Some(challenge::Challenge::Basic) | None => Ok(None),
+        }
+    }
+
     async fn anonymous(&self, image: &ImageRef) -> Result<Grant, AuthError> {
         let registry = image.registry();
         let auth = match self.challenge(registry).await? {

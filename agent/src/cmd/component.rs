@@ -146,6 +146,31 @@ impl pb::agent_server::Agent for Fake {
         Ok(Response::new(tokio_stream::iter(events)))
     }
 
+    async fn explain_pull(
+        &self,
+        request: Request<pb::PullImageRequest>,
+    ) -> Result<Response<pb::PullPlan>, Status> {
+        let request = request.into_inner();
+        self.state().pulls.push(request.clone());
+        Ok(Response::new(pb::PullPlan {
+            image: request.image,
+            digest: "sha256:m".to_owned(),
+            endpoint: "https://registry.example.com".to_owned(),
+            credential: if request.pull_secret.is_empty() {
+                "anonymous".to_owned()
+            } else {
+                request.pull_secret
+            },
+            realm: "https://auth.example.com/token".to_owned(),
+            scope: "repository:team/app:pull".to_owned(),
+            present: true,
+            bytes_to_fetch: 0,
+            access: "ok".to_owned(),
+            policy: String::new(),
+            signature: "not required".to_owned(),
+        }))
+    }
+
     async fn get_container(
         &self,
         request: Request<pb::GetContainerRequest>,
@@ -381,6 +406,37 @@ mod tests {
         assert_eq!(printed["berth"], cli);
         assert_eq!(printed["berthd"], "9.9.9");
         assert_eq!(printed["containerd"], "");
+    }
+
+    #[tokio::test]
+    async fn explain_prints_the_plan_as_lines_or_json() {
+        let daemon = FakeDaemon::start();
+        let image = "registry.example.com/team/app:1";
+        let ran = berth(
+            &daemon,
+            &[
+                "explain",
+                image,
+                "--pull-secret",
+                "secret-x",
+                "--project",
+                "team-a",
+            ],
+        )
+        .await;
+        ran.result.unwrap();
+        assert!(ran.out.contains("credential     secret-x\n"), "{}", ran.out);
+        assert!(ran.out.contains("present        true\n"), "{}", ran.out);
+        assert_eq!(ran.out.lines().count(), 11, "{}", ran.out);
+        let ran = berth(&daemon, &["explain", image, "--output", "json"]).await;
+        ran.result.unwrap();
+        let printed: serde_json::Value = serde_json::from_str(&ran.out).unwrap();
+        assert_eq!(printed["credential"], "anonymous");
+        assert_eq!(printed["bytes_to_fetch"], 0);
+        assert_eq!(printed["scope"], "repository:team/app:pull");
+        let state = daemon.state();
+        assert_eq!(state.pulls[0].project, "team-a");
+        assert_eq!(state.pulls[0].pull_secret, "secret-x");
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ pub mod connect;
 #[cfg(test)]
 mod component;
 mod container;
+mod explain;
 mod image;
 mod output;
 mod progress;
@@ -98,6 +99,8 @@ enum Command {
     Rm(container::RmArgs),
     /// Pull an image ahead of time.
     Pull(pull::PullArgs),
+    /// Show what a pull of an image would do now, without pulling.
+    Explain(explain::ExplainArgs),
     /// Manage the images berthd keeps (`image prune`).
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -280,6 +283,7 @@ async fn run_console(
         Command::Stop(args) => container::stop(args, &mut console).await,
         Command::Rm(args) => container::rm(args, &mut console).await,
         Command::Pull(args) => pull::run(args, &mut console).await,
+        Command::Explain(args) => explain::run(args, &mut console).await,
         Command::Image(command) => image::run(command, &mut console).await,
         Command::Version => version::run(&mut console).await,
     }

@@ -3,8 +3,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use containerd_client::services::v1::{
-    AbortRequest, Info, ReadContentRequest, UpdateRequest, WriteAction, WriteContentRequest,
-    WriteContentResponse,
+    AbortRequest, Info, InfoRequest, ReadContentRequest, UpdateRequest, WriteAction,
+    WriteContentRequest, WriteContentResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -120,6 +120,24 @@ impl Containerd {
                 }
                 writer.commit(labels).await
             }
+        }
+    }
+
+    /// Whether the namespace has the blob `digest` (committed; an open ingest does not count).
+    pub(crate) async fn has_blob(&self, digest: &str) -> Result<bool, ContainerdError> {
+        let result = self
+            .content()
+            .info(self.request(
+                InfoRequest {
+                    digest: digest.to_owned(),
+                },
+                None,
+            ))
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+            Err(status) => Err(ContainerdError::rpc("content.info")(status)),
         }
     }
 

@@ -69,7 +69,7 @@ impl Containerd {
 }
 
 /// RFC 3339 UTC with seconds, as containerd's `gc.expire` label wants.
-fn rfc3339(time: SystemTime) -> String {
+pub(crate) fn rfc3339(time: SystemTime) -> String {
     let secs = time
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

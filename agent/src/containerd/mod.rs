@@ -14,7 +14,7 @@ pub(crate) use client::Containerd;
 pub(crate) use container::{ContainerRecord, NewContainer};
 pub(crate) use content::{BlobWriter, OpenedBlob};
 pub(crate) use image::{chain_ids, ListedImage, UnpackLayer};
-pub(crate) use lease::Lease;
+pub(crate) use lease::{rfc3339, Lease};
 pub(crate) use version::{ContainerdVersion, MINIMUM as MINIMUM_VERSION};
 
 /// A failed containerd call. The `Status` is kept as the source and never stringified into

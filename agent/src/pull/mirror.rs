@@ -185,7 +185,7 @@ fn is_repository_prefix(prefix: &str) -> bool {
 
 /// What a `credentials = true` mirror is given for `secret`: its username and password, when it
 /// holds such a pair (Docker, ACR service principal); anonymous otherwise.
-fn mirror_credential(secret: Option<&StoredSecret>) -> RegistryAuth {
+pub(super) fn mirror_credential(secret: Option<&StoredSecret>) -> RegistryAuth {
     match secret.map(|secret| (secret.meta.kind, &secret.credential)) {
         Some((
             SecretKind::Docker | SecretKind::Acr,
@@ -198,7 +198,7 @@ fn mirror_credential(secret: Option<&StoredSecret>) -> RegistryAuth {
 }
 
 /// Whether a mirror's failure sends the pull on to the next source.
-fn falls_back(err: &PullError) -> bool {
+pub(super) fn falls_back(err: &PullError) -> bool {
     match err {
         PullError::Denied { .. }
         | PullError::NotFound { .. }
@@ -229,7 +229,7 @@ fn normalized(registry: &str) -> String {
 
 impl Puller {
     /// The mirrors of `image`'s registry, in file order.
-    fn mirrors_for(&self, image: &ImageRef) -> Vec<&Mirror> {
+    pub(super) fn mirrors_for(&self, image: &ImageRef) -> Vec<&Mirror> {
         if self.settings.mirrors.is_empty() {
             return Vec::new();
         }

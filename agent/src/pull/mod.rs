@@ -5,6 +5,7 @@
 mod bandwidth;
 mod blob;
 pub(crate) mod cosign;
+mod explain;
 pub(crate) mod manifest;
 pub(crate) mod mirror;
 pub(crate) mod policy;
@@ -153,6 +154,14 @@ pub(crate) enum PullError {
 
 impl PullError {
     /// The `result` label of `berth_pulls_total`.
+    /// A signature policy refused the image or its signature could not be fetched.
+    pub(crate) fn is_signature(&self) -> bool {
+        matches!(
+            self,
+            PullError::Signature { .. } | PullError::SignatureFetch { .. }
+        )
+    }
+
     pub(crate) fn result_label(&self) -> &'static str {
         match self {
             PullError::Denied { .. } => "denied",
@@ -824,6 +833,11 @@ impl Puller {
             Err(err) if err.is_not_found() => Ok(None),
             Err(err) => Err(err),
         }
+    }
+
+    /// Whether a `[[policy]]` demands a signature on `image` for `project`.
+    pub(crate) fn signature_required(&self, image: &ImageRef, project: &str) -> bool {
+        self.signatures.required(image, project).is_some()
     }
 
     /// Whether starting the cached `pulled` for `project` needs a signature verified now: a

@@ -85,6 +85,13 @@ impl Signatures {
         }
     }
 
+    /// The first pattern of the policy `image` in `project` matches (whatever it verifies).
+    pub(crate) fn policy_pattern(&self, image: &ImageRef, project: &str) -> Option<String> {
+        self.policies
+            .for_image(image, project)
+            .map(|policy| policy.pattern().to_owned())
+    }
+
     /// The policy for `image` in `project` and the keys it demands; None when nothing is to be
     /// verified.
     pub(crate) fn required(

@@ -13,6 +13,7 @@ mod disk;
 pub(crate) mod file;
 pub(crate) mod gar_key;
 pub(crate) mod openbao;
+pub(crate) mod provider;
 mod record;
 
 use std::fmt;
@@ -128,6 +129,12 @@ impl SecretId {
             id.push(char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]));
         }
         SecretId(id)
+    }
+
+    /// The name a `[[credential_provider]]`'s credential goes by: `provider:<name>`. Never a
+    /// valid id for [`SecretId::parse`], so no client can name it as a pull secret.
+    pub(crate) fn provider(name: &str) -> SecretId {
+        SecretId(format!("provider:{name}"))
     }
 
     pub(crate) fn as_str(&self) -> &str {
