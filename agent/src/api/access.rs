@@ -5,9 +5,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use tonic::{Request, Status};
+use tonic::Request;
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
+use super::status::ApiError;
 use crate::config::AccessConfig;
 
 /// The access policy of one listener.
@@ -47,19 +48,14 @@ impl Access {
     }
 
     /// The projects the caller of `request` may act for.
-    pub(crate) fn allowed<T>(&self, request: &Request<T>) -> Result<Allowed, Status> {
+    pub(crate) fn allowed<T>(&self, request: &Request<T>) -> Result<Allowed, ApiError> {
         let map = match self {
             Access::Local => return Ok(Allowed::All),
             Access::Mtls(map) => map,
         };
-        let certs = request
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let identities = identities(leaf.as_ref())
-            .ok_or_else(|| Status::unauthenticated("the client certificate does not parse"))?;
+        let certs = request.peer_certs().ok_or(ApiError::NoClientCertificate)?;
+        let leaf = certs.first().ok_or(ApiError::NoClientCertificate)?;
+        let identities = identities(leaf.as_ref()).ok_or(ApiError::UnreadableClientCertificate)?;
         let mut projects = BTreeSet::new();
         for identity in &identities {
             if let Some(allowed) = map.get(identity) {
@@ -73,13 +69,13 @@ impl Access {
     }
 
     /// PERMISSION_DENIED unless the caller may act for `project`.
-    pub(crate) fn check<T>(&self, request: &Request<T>, project: &str) -> Result<(), Status> {
+    pub(crate) fn check<T>(&self, request: &Request<T>, project: &str) -> Result<(), ApiError> {
         if self.allowed(request)?.permits(project) {
             Ok(())
         } else {
-            Err(Status::permission_denied(format!(
-                "this client may not act for project {project}"
-            )))
+            Err(ApiError::ProjectDenied {
+                project: project.to_owned(),
+            })
         }
     }
 }
@@ -125,7 +121,10 @@ mod tests {
             projects: vec!["team-a".into()],
         }]);
         let err = access.check(&Request::new(()), "team-a").unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::Unauthenticated
+        );
     }
 
     fn cert_der(sans: &[&str], cn: &str) -> Vec<u8> {

@@ -14,6 +14,7 @@ use tracing::{info, instrument, Instrument as _};
 use super::access::{Access, Allowed};
 use super::convert;
 use super::pb;
+use super::status::ApiError;
 use crate::order::{parse_dns_label, parse_project, ImageRef, Order};
 use crate::run::{ContainerKey, ContainerView, RunError, Runner};
 
@@ -37,7 +38,7 @@ impl AgentService {
     /// other projects cannot be probed.
     async fn visible<T>(&self, request: &Request<T>, id: &str) -> Result<ContainerView, Status> {
         if id.is_empty() {
-            return Err(Status::invalid_argument("id is required"));
+            return Err(ApiError::Missing { field: "id" }.into());
         }
         let allowed = self.access.allowed(request)?;
         let view = self.runner.get(&ContainerKey::Id(id.to_owned())).await?;
@@ -60,10 +61,10 @@ impl pb::agent_server::Agent for AgentService {
         let allowed = self.access.allowed(&request)?;
         let order = Order::parse(convert::raw_order(request.into_inner())?)?;
         if !allowed.permits(&order.project) {
-            return Err(Status::permission_denied(format!(
-                "this client may not act for project {}",
-                order.project
-            )));
+            return Err(ApiError::ProjectDenied {
+                project: order.project,
+            }
+            .into());
         }
         info!(project = %order.project, name = %order.name, image = %order.image, "start order received");
         // The order runs to completion even if the caller goes away, so nothing is half-done;
@@ -74,9 +75,10 @@ impl pb::agent_server::Agent for AgentService {
         let work = self
             .tasks
             .spawn(async move { runner.start(order, cancel).await }.in_current_span());
-        let view = work
-            .await
-            .map_err(|_| Status::internal("order task failed"))??;
+        let view = work.await.map_err(|source| ApiError::TaskFailed {
+            what: "order",
+            source,
+        })??;
         Ok(Response::new(convert::container(view)))
     }
 
@@ -104,7 +106,10 @@ impl pb::agent_server::Agent for AgentService {
                 .in_current_span(),
             )
             .await
-            .map_err(|_| Status::internal("explain task failed"))??;
+            .map_err(|source| ApiError::TaskFailed {
+                what: "explain",
+                source,
+            })??;
         Ok(Response::new(convert::pull_plan(plan)))
     }
 
@@ -189,9 +194,7 @@ impl pb::agent_server::Agent for AgentService {
         } else {
             let project = parse_project(&request.project)?;
             if !allowed.permits(&project) {
-                return Err(Status::permission_denied(format!(
-                    "this client may not act for project {project}"
-                )));
+                return Err(ApiError::ProjectDenied { project }.into());
             }
             Some(project)
         };
@@ -236,9 +239,7 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::PruneImagesResponse>, Status> {
         // Images are shared by every project: only a caller that may act for all of them prunes.
         if self.access.allowed(&request)? != Allowed::All {
-            return Err(Status::permission_denied(
-                "pruning images needs access to every project",
-            ));
+            return Err(ApiError::PruneNeedsEveryProject.into());
         }
         let report = self
             .runner

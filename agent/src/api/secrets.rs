@@ -9,6 +9,7 @@ use tracing::{info, instrument};
 use super::access::Access;
 use super::convert;
 use super::pb::{self, create_secret_request::Credential as PbCredential};
+use super::status::ApiError;
 use crate::order::parse_project;
 use crate::secret::{Credential, NewSecret, SecretId, SecretKind, SecretStore};
 
@@ -49,9 +50,10 @@ impl pb::secrets_server::Secrets for SecretsService {
                 Credential::JsonKey(SecretString::from(c.json_key)),
             ),
             None => {
-                return Err(Status::invalid_argument(
-                    "credential is required (docker, acr or gar)",
-                ))
+                return Err(ApiError::Missing {
+                    field: "credential (docker, acr or gar)",
+                }
+                .into())
             }
         };
         let meta = self

@@ -11,6 +11,49 @@ use crate::pull::PullError;
 use crate::run::RunError;
 use crate::secret::SecretError;
 
+/// Refusals the API layer decides itself: who is calling, and what a request lacks before any
+/// stage sees it. Mapped here with everything else.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    #[error("a client certificate is required")]
+    NoClientCertificate,
+    #[error("the client certificate does not parse")]
+    UnreadableClientCertificate,
+    #[error("this client may not act for project {project}")]
+    ProjectDenied { project: String },
+    #[error("pruning images needs access to every project")]
+    PruneNeedsEveryProject,
+    #[error("{field} is required")]
+    Missing { field: &'static str },
+    /// The task running an order (or an explain) ended without an answer: it panicked or was
+    /// cancelled at shutdown.
+    #[error("{what} task failed")]
+    TaskFailed {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        match err {
+            ApiError::NoClientCertificate | ApiError::UnreadableClientCertificate => {
+                Status::unauthenticated(err.to_string())
+            }
+            ApiError::ProjectDenied { .. } | ApiError::PruneNeedsEveryProject => {
+                info!(error = %err, "request refused");
+                Status::permission_denied(err.to_string())
+            }
+            ApiError::Missing { .. } => Status::invalid_argument(err.to_string()),
+            ApiError::TaskFailed { .. } => {
+                error!(error = %chain(&err), "internal error");
+                Status::internal("internal error; see the berthd log")
+            }
+        }
+    }
+}
+
 impl From<RunError> for Status {
     fn from(err: RunError) -> Self {
         let code = run_code(&err);
@@ -148,6 +191,45 @@ fn chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_refusals_get_their_codes_and_an_internal_one_says_nothing_more() {
+        let cases = [
+            (ApiError::NoClientCertificate, Code::Unauthenticated),
+            (ApiError::UnreadableClientCertificate, Code::Unauthenticated),
+            (
+                ApiError::ProjectDenied {
+                    project: "team-b".into(),
+                },
+                Code::PermissionDenied,
+            ),
+            (ApiError::PruneNeedsEveryProject, Code::PermissionDenied),
+            (ApiError::Missing { field: "id" }, Code::InvalidArgument),
+        ];
+        for (err, code) in cases {
+            let text = err.to_string();
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{text}");
+            assert_eq!(status.message(), text);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_order_task_is_internal_with_a_generic_message() {
+        let panicked = tokio::spawn(async { panic!("order task blew up") })
+            .await
+            .unwrap_err();
+        let status = Status::from(ApiError::TaskFailed {
+            what: "order",
+            source: panicked,
+        });
+        assert_eq!(status.code(), Code::Internal);
+        assert!(
+            !status.message().contains("blew up"),
+            "{}",
+            status.message()
+        );
+    }
     use crate::pull::verify::Mismatch;
 
     #[test]
