@@ -16,12 +16,12 @@ use tracing::{info, warn};
 
 use crate::api::pb::agent_server::AgentServer;
 use crate::api::pb::secrets_server::SecretsServer;
-use crate::api::{pb, Access, AgentService, SecretsService, UnixFront};
+use crate::api::{pb, Access, AgentService, Health, SecretsService, UnixFront};
 use crate::audit::{AuditLog, AuditReopen};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::containerd::{Containerd, MINIMUM_VERSION};
-use crate::health::Health;
+
 use crate::metrics::SharedMetrics;
 use crate::pull::{Puller, RegistrySettings};
 use crate::run::{GcSettings, Runner};

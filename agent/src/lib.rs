@@ -29,7 +29,6 @@ pub mod telemetry;
 pub(crate) mod audit;
 pub(crate) mod auth;
 pub(crate) mod containerd;
-pub(crate) mod health;
 pub(crate) mod locks;
 pub(crate) mod metrics;
 pub(crate) mod order;

@@ -10,9 +10,9 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
-use crate::api::pb::agent_server::AgentServer;
-use crate::api::pb::secrets_server::SecretsServer;
-use crate::api::{AgentService, SecretsService};
+use super::pb::agent_server::AgentServer;
+use super::pb::secrets_server::SecretsServer;
+use super::{AgentService, SecretsService};
 use crate::containerd::{Containerd, ContainerdVersion};
 use crate::metrics::SharedMetrics;
 
