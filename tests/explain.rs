@@ -4,6 +4,8 @@
 //! bytes to fetch, access, policy and signature; nothing but manifests is fetched (no blob GET
 //! at the registry or the mirror); nothing is recorded; the token use is an audit line.
 
+use std::time::Duration;
+
 use berth::api::pb::{PullImageRequest, PullPlan, PullPolicy};
 use tonic::Code;
 
@@ -11,6 +13,7 @@ use crate::harness::credentials::RegistryUser;
 use crate::harness::host::{HostBerthd, HostEnvironment, MirrorEntry, OpsEnv};
 use crate::harness::mirror::{ProxyMirror, RecordingFront};
 use crate::harness::token_server::Grants;
+use crate::harness::wait::wait_for;
 use crate::providers::push;
 
 async fn explain(
@@ -138,20 +141,35 @@ async fn explain_pull_walks_the_real_path_without_fetching_a_blob() -> anyhow::R
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains(&refused), "{status:?}");
 
-    // The token uses are audit lines of action token with no order id; no pull line.
-    let audit = std::fs::read_to_string(&audit_path)?;
-    let lines: Vec<serde_json::Value> = audit
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    // The token uses are audit lines of action token with no order id; no pull line. The
+    // audit log is written by its own task: wait until the refused explain's line is in.
+    let refused_line = |line: &serde_json::Value| {
+        line["repository"] == "private/app"
+            && line["action"] == "token"
+            && line["credential"] == refused.as_str()
+            && line["result"] == "PERMISSION_DENIED"
+    };
+    let lines: Vec<serde_json::Value> = wait_for(
+        "the refused explain's audit line",
+        Duration::from_secs(10),
+        || {
+            let audit_path = &audit_path;
+            async move {
+                let audit = std::fs::read_to_string(audit_path)?;
+                // A line being written may be cut short at the end: it is read again.
+                let lines: Vec<serde_json::Value> = audit
+                    .lines()
+                    .filter_map(|line| serde_json::from_str(line).ok())
+                    .collect();
+                Ok(lines.iter().any(refused_line).then_some(lines))
+            }
+        },
+    )
+    .await?;
     assert!(lines.iter().any(|line| line["repository"] == "public/app"
         && line["action"] == "token"
         && line["order_id"] == ""
         && line["credential"] == "anonymous"));
-    assert!(lines.iter().any(|line| line["repository"] == "private/app"
-        && line["action"] == "token"
-        && line["credential"] == refused.as_str()
-        && line["result"] == "PERMISSION_DENIED"));
     assert!(!lines
         .iter()
         .any(|line| line["repository"] == "public/app" && line["action"] == "pull"));

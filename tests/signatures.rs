@@ -20,6 +20,7 @@ use crate::harness::exposition::scrape;
 use crate::harness::faults::{Fault, FaultProxy, Target, Times};
 use crate::harness::host::{HostBerthd, HostEnvironment, OpsEnv};
 use crate::harness::image::{oci_client, sha256_digest, PushedImage, TestImage};
+use crate::harness::wait::wait_for;
 use crate::harness::{free_local_port, random_lowercase};
 use crate::leaks::{needles_in, scan_tree};
 
@@ -350,13 +351,8 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
         ("", "not required")
     );
 
-    // Each signature fetch is an audit line.
-    let audit = std::fs::read_to_string(&audit_path)?;
-    let lines: Vec<Value> = audit
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    let signature_line = |repository: &str, result: &str| {
+    // Each signature fetch is an audit line (written by the audit log's own task: waited for).
+    let signature_line = |lines: &[Value], repository: &str, result: &str| {
         lines.iter().any(|line| {
             line["action"] == "signature"
                 && line["repository"] == repository
@@ -364,11 +360,25 @@ async fn berthd_runs_what_cosign_verifies_and_refuses_what_it_refuses() -> anyho
                 && line["credential"] == secret.as_str()
         })
     };
-    assert!(signature_line("signed/bundle", "ok"), "{audit}");
-    assert!(
-        signature_line("signed/unsigned", "FAILED_PRECONDITION"),
-        "{audit}"
-    );
+    let lines: Vec<Value> = wait_for(
+        "the signature audit lines",
+        std::time::Duration::from_secs(10),
+        || {
+            let audit_path = &audit_path;
+            async move {
+                let audit = std::fs::read_to_string(audit_path)?;
+                // A line being written may be cut short at the end: it is read again.
+                let lines: Vec<Value> = audit
+                    .lines()
+                    .filter_map(|line| serde_json::from_str(line).ok())
+                    .collect();
+                let both = signature_line(&lines, "signed/bundle", "ok")
+                    && signature_line(&lines, "signed/unsigned", "FAILED_PRECONDITION");
+                Ok(both.then_some(lines))
+            }
+        },
+    )
+    .await?;
     assert!(!lines
         .iter()
         .any(|line| line["action"] == "signature" && line["repository"] == "unchecked/app"));
