@@ -5,11 +5,10 @@
 
 use oci_client::secrets::RegistryAuth;
 
-use super::manifest::{self, Parsed};
 use super::mirror::{falls_back, mirror_credential};
 use super::registry::Session;
 use super::signature::Subject;
-use super::{retry, verify, PullError, Puller};
+use super::{resolve_manifest, retry, PullError, Puller};
 use crate::order::ImageRef;
 use crate::secret::StoredSecret;
 
@@ -133,43 +132,9 @@ impl Puller {
         attempts: u32,
         (endpoint, host, plain_http): (String, String, bool),
     ) -> Result<Resolution, PullError> {
-        let unsupported = |reason| PullError::Unsupported {
-            image: image.to_string(),
-            reason,
-        };
-        let (top_bytes, top_digest) =
-            retry(attempts, || session.manifest(image.reference())).await?;
-        let (manifest_digest, index_digest, manifest) = match manifest::parse(&top_bytes)
-            .map_err(unsupported)?
-        {
-            Parsed::Manifest(manifest) => (top_digest, None, manifest),
-            Parsed::Index(entries) => {
-                let (os, arch) = manifest::host_platform();
-                let entry = manifest::select_platform(&entries, os, arch)
-                    .ok_or_else(|| PullError::NoPlatform {
-                        image: image.to_string(),
-                        os,
-                        arch,
-                    })?
-                    .clone();
-                manifest::check_digest(&entry.digest).map_err(unsupported)?;
-                let child = session.reference_with_digest(&entry.digest);
-                let (bytes, digest) = retry(attempts, || session.manifest(&child)).await?;
-                verify::verify_bytes(&entry.digest, Some(entry.size), &bytes).map_err(
-                    |source| PullError::Mismatch {
-                        image: image.to_string(),
-                        source,
-                    },
-                )?;
-                let Parsed::Manifest(manifest) = manifest::parse(&bytes).map_err(unsupported)?
-                else {
-                    return Err(unsupported(manifest::ManifestError(
-                        "nested indexes are not supported",
-                    )));
-                };
-                (digest, Some(top_digest), manifest)
-            }
-        };
+        let resolved = resolve_manifest(image, session, attempts).await?;
+        let index_digest = resolved.index.map(|_| resolved.top_digest);
+        let (manifest_digest, manifest) = (resolved.manifest_digest, resolved.manifest);
         let mut bytes_to_fetch = 0;
         for descriptor in std::iter::once(&manifest.config).chain(&manifest.layers) {
             let present = self

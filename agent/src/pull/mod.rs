@@ -278,6 +278,74 @@ pub(crate) struct Puller {
     signatures: Arc<Signatures>,
 }
 
+/// What an image reference resolves to: the document the registry serves for it and, when that
+/// is an index, the entry for this host's platform.
+pub(super) struct Resolved {
+    pub(super) top_bytes: bytes::Bytes,
+    pub(super) top_digest: String,
+    /// The index's entries, when the reference named an index.
+    pub(super) index: Option<Vec<Descriptor>>,
+    pub(super) manifest_bytes: bytes::Bytes,
+    pub(super) manifest_digest: String,
+    pub(super) manifest: Manifest,
+}
+
+/// Fetches `image`'s manifest; for an index, this host's platform entry, fetched by digest
+/// and checked against that digest and size. Shared by pulls and ExplainPull.
+pub(super) async fn resolve_manifest(
+    image: &ImageRef,
+    session: &Session,
+    attempts: u32,
+) -> Result<Resolved, PullError> {
+    let (top_bytes, top_digest) = retry(attempts, || session.manifest(image.reference())).await?;
+    let unsupported = |reason| PullError::Unsupported {
+        image: image.to_string(),
+        reason,
+    };
+    match manifest::parse(&top_bytes).map_err(unsupported)? {
+        Parsed::Manifest(manifest) => Ok(Resolved {
+            manifest_bytes: top_bytes.clone(),
+            manifest_digest: top_digest.clone(),
+            top_bytes,
+            top_digest,
+            index: None,
+            manifest,
+        }),
+        Parsed::Index(entries) => {
+            let (os, arch) = manifest::host_platform();
+            let entry = manifest::select_platform(&entries, os, arch)
+                .ok_or_else(|| PullError::NoPlatform {
+                    image: image.to_string(),
+                    os,
+                    arch,
+                })?
+                .clone();
+            manifest::check_digest(&entry.digest).map_err(unsupported)?;
+            let child = session.reference_with_digest(&entry.digest);
+            let (bytes, digest) = retry(attempts, || session.manifest(&child)).await?;
+            verify::verify_bytes(&entry.digest, Some(entry.size), &bytes).map_err(|source| {
+                PullError::Mismatch {
+                    image: image.to_string(),
+                    source,
+                }
+            })?;
+            let Parsed::Manifest(manifest) = manifest::parse(&bytes).map_err(unsupported)? else {
+                return Err(unsupported(manifest::ManifestError(
+                    "nested indexes are not supported",
+                )));
+            };
+            Ok(Resolved {
+                top_bytes,
+                top_digest,
+                index: Some(entries),
+                manifest_bytes: bytes,
+                manifest_digest: digest,
+                manifest,
+            })
+        }
+    }
+}
+
 impl Puller {
     pub(crate) fn new(
         containerd: Containerd,
@@ -398,55 +466,25 @@ impl Puller {
         privacy: Privacy,
         progress: Option<mpsc::Sender<PullProgress>>,
     ) -> Result<PulledImage, PullError> {
-        let (top_bytes, top_digest) =
-            retry(attempts, || session.manifest(image.reference())).await?;
-        let unsupported = |reason| PullError::Unsupported {
-            image: image.to_string(),
-            reason,
+        let Resolved {
+            top_bytes,
+            top_digest,
+            index,
+            manifest_bytes,
+            manifest_digest,
+            manifest,
+        } = resolve_manifest(image, session, attempts).await?;
+        let top_media_type = match (&index, &manifest) {
+            (None, manifest) => manifest.media_type.clone(),
+            (Some(_), _)
+                if top_bytes
+                    .windows(DOCKER_LIST_NEEDLE.len())
+                    .any(|w| w == DOCKER_LIST_NEEDLE) =>
+            {
+                manifest::DOCKER_LIST.to_owned()
+            }
+            (Some(_), _) => manifest::OCI_INDEX.to_owned(),
         };
-        let (top_media_type, index, manifest_bytes, manifest_digest, manifest) =
-            match manifest::parse(&top_bytes).map_err(unsupported)? {
-                Parsed::Manifest(m) => (
-                    m.media_type.clone(),
-                    None,
-                    top_bytes.clone(),
-                    top_digest.clone(),
-                    m,
-                ),
-                Parsed::Index(entries) => {
-                    let (os, arch) = manifest::host_platform();
-                    let entry = manifest::select_platform(&entries, os, arch)
-                        .ok_or_else(|| PullError::NoPlatform {
-                            image: image.to_string(),
-                            os,
-                            arch,
-                        })?
-                        .clone();
-                    manifest::check_digest(&entry.digest).map_err(unsupported)?;
-                    let child = session.reference_with_digest(&entry.digest);
-                    let (bytes, digest) = retry(attempts, || session.manifest(&child)).await?;
-                    verify::verify_bytes(&entry.digest, Some(entry.size), &bytes).map_err(
-                        |source| PullError::Mismatch {
-                            image: image.to_string(),
-                            source,
-                        },
-                    )?;
-                    let Parsed::Manifest(m) = manifest::parse(&bytes).map_err(unsupported)? else {
-                        return Err(unsupported(manifest::ManifestError(
-                            "nested indexes are not supported",
-                        )));
-                    };
-                    let top_type = if top_bytes
-                        .windows(DOCKER_LIST_NEEDLE.len())
-                        .any(|w| w == DOCKER_LIST_NEEDLE)
-                    {
-                        manifest::DOCKER_LIST
-                    } else {
-                        manifest::OCI_INDEX
-                    };
-                    (top_type.to_owned(), Some(entries), bytes, digest, m)
-                }
-            };
         // Signature policy, before a blob is fetched, unpacked or recorded: a refused image
         // leaves nothing behind.
         let index_digest = index.as_ref().map(|_| top_digest.clone());
