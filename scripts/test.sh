@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: provisions the machine, then runs every check CI runs, in order:
-# format, lints, build, unit + component + integration tests, docs.
+# format, lints, crate layering, build, unit + component + integration tests, docs.
 # The integration tests start their own containerd and registries (as root).
 #
 # The integration suite runs once per containerd berth claims, newest first: 2.1 (Debian
@@ -63,6 +63,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "crate layers and module imports (scripts/check-layers.py)"
+python3 scripts/check-layers.py
 
 step "cargo build --workspace --bins"
 cargo build --workspace --bins

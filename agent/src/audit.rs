@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::metrics::SharedMetrics;
+use berth_core::metrics::SharedMetrics;
 
 /// Lines waiting for the writer; past this, lines are dropped (and counted), orders never wait.
 const QUEUE: usize = 4096;
@@ -129,7 +129,7 @@ impl AuditLog {
             return;
         };
         let record = AuditRecord {
-            time: crate::containerd::rfc3339(SystemTime::now()),
+            time: berth_runtime::containerd::rfc3339(SystemTime::now()),
             project: subject.project.clone(),
             order_id: subject.order_id.clone(),
             credential: subject.credential.clone(),
@@ -226,29 +226,6 @@ impl AuditWriter {
             warn!(path = %self.path.display(), error = %err, "audit line not written");
             *file = None;
         }
-    }
-}
-
-/// The gRPC code name an audit line's `result` gives for `code`.
-pub(crate) fn code_name(code: tonic::Code) -> &'static str {
-    match code {
-        tonic::Code::Ok => "ok",
-        tonic::Code::Cancelled => "CANCELLED",
-        tonic::Code::Unknown => "UNKNOWN",
-        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        tonic::Code::NotFound => "NOT_FOUND",
-        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
-        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
-        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
-        tonic::Code::Aborted => "ABORTED",
-        tonic::Code::OutOfRange => "OUT_OF_RANGE",
-        tonic::Code::Unimplemented => "UNIMPLEMENTED",
-        tonic::Code::Internal => "INTERNAL",
-        tonic::Code::Unavailable => "UNAVAILABLE",
-        tonic::Code::DataLoss => "DATA_LOSS",
-        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -18,14 +18,16 @@ use crate::api::pb::agent_server::AgentServer;
 use crate::api::pb::secrets_server::SecretsServer;
 use crate::api::{pb, Access, AgentService, Health, SecretsService, UnixFront};
 use crate::audit::{AuditLog, AuditReopen};
-use crate::auth::{AuthSettings, Authenticator};
-use crate::config::{Config, ConfigError, ListenAddr};
-use crate::containerd::{Containerd, MINIMUM_VERSION};
+use crate::config::settings::ApiSettings;
+use crate::config::{Config, ConfigError, ListenAddr, Settings};
+use berth_registry::auth::Authenticator;
+use berth_runtime::containerd::{Containerd, MINIMUM_VERSION};
+use berth_secrets::provider::CredentialProviders;
 
-use crate::metrics::SharedMetrics;
-use crate::pull::{Puller, RegistrySettings};
-use crate::run::{GcSettings, Runner};
-use crate::secret::SecretStore;
+use crate::run::Runner;
+use berth_core::metrics::SharedMetrics;
+use berth_registry::pull::Puller;
+use berth_secrets::SecretStore;
 
 /// How long in-flight orders may run on after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -81,103 +83,31 @@ pub async fn run(
     // One TLS crypto provider for every connection berthd makes (registries, token realms).
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let listen = config.listen_addr()?;
-    create_private_dir(&config.state_dir)?;
-    let logs_dir = config.state_dir.join("logs");
-    create_private_dir(&logs_dir)?;
-    let secrets =
-        Arc::new(SecretStore::open(&config).map_err(|err| DaemonError::Secrets(Box::new(err)))?);
-
-    let mut ca_pems = Vec::new();
-    for path in &config.registry.ca_files {
-        ca_pems.push(std::fs::read(path).map_err(|source| DaemonError::Io {
-            path: path.clone(),
-            source,
-        })?);
-    }
+    let settings = Settings::from_config(&config)?;
+    let listen = settings.api.listen.clone();
+    create_private_dir(&settings.orders.state_dir)?;
+    create_private_dir(&settings.orders.logs_dir)?;
+    let secrets = Arc::new(
+        SecretStore::open(&settings.secrets).map_err(|err| DaemonError::Secrets(Box::new(err)))?,
+    );
     let metrics: SharedMetrics = Arc::default();
-    let auth = Authenticator::new(
-        &AuthSettings {
-            plain_http: config.registry.plain_http.clone(),
-            ca_pems: ca_pems.clone(),
-            connect_timeout: Duration::from_secs(config.registry.connect_timeout_seconds),
-            read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
-            retries: config.registry.retries,
-        },
-        metrics.clone(),
-    )
-    .map_err(|err| DaemonError::Auth(Box::new(err)))?;
-    let auth = Arc::new(auth);
-    let settings = RegistrySettings {
-        plain_http: config.registry.plain_http.clone(),
-        ca_pems,
-        connect_timeout: Duration::from_secs(config.registry.connect_timeout_seconds),
-        read_timeout: Duration::from_secs(config.registry.read_timeout_seconds),
-        max_concurrent_downloads: config.registry.max_concurrent_downloads,
-        retries: config.registry.retries,
-        stall_timeout: (config.registry.stall_timeout_seconds > 0)
-            .then(|| Duration::from_secs(config.registry.stall_timeout_seconds)),
-        max_bytes_per_second: config.registry.max_bytes_per_second,
-        mirrors: crate::pull::mirror::Mirror::from_config(&config.registry.mirror),
-    };
     let containerd = Containerd::new(
-        &config.containerd.socket,
-        &config.containerd.namespace,
-        &config.containerd.snapshotter,
+        &settings.containerd.socket,
+        &settings.containerd.namespace,
+        &settings.containerd.snapshotter,
     )
     .map_err(|err| DaemonError::Containerd(Box::new(err)))?;
-    let policies = crate::pull::policy::Policies::load(&config.policy)?;
-    let puller = Puller::new(
-        containerd.clone(),
-        settings,
-        auth.clone(),
-        Duration::from_secs(config.registry.pull_deadline_seconds),
-        metrics.clone(),
-    )
-    .map_err(|err| DaemonError::Auth(Box::new(err)))?
-    .with_signatures(crate::pull::signature::Signatures::new(
-        policies,
-        Duration::from_secs(config.security.access_check_ttl_seconds),
-        metrics.clone(),
-    ));
-    let runner = Runner::new(
-        containerd.clone(),
-        puller,
-        secrets.clone(),
-        auth,
-        logs_dir,
-        metrics.clone(),
-    )
-    .with_access_check_ttl(Duration::from_secs(
-        config.security.access_check_ttl_seconds,
-    ))
-    .with_max_concurrent_pulls(config.registry.max_concurrent_pulls);
-    let providers = crate::secret::provider::CredentialProviders::from_config(
-        &config.credential_provider,
-        metrics.clone(),
-    )
-    .map_err(|reason| ConfigError::Invalid {
-        key: "credential_provider.match_images",
-        reason: reason.to_owned(),
-    })?;
     let audit_stop = CancellationToken::new();
     let (audit, audit_reopen, audit_writer) =
-        AuditLog::open(&config.audit_log, metrics.clone(), audit_stop.clone());
-    let runner = runner
-        .with_credential_providers(providers)
-        .with_audit(audit);
-    let gc = config.gc.enabled.then(|| GcSettings {
-        path: config.gc.path.clone(),
-        high_percent: config.gc.high_percent,
-        low_percent: config.gc.low_percent,
-        min_age: Duration::from_secs(config.gc.min_age_seconds),
-        interval: Duration::from_secs(config.gc.interval_seconds),
-        pinned: config.gc.pinned.clone(),
-    });
-    let runner = match &gc {
-        Some(settings) => runner.with_image_gc(settings),
-        None => runner,
-    };
+        AuditLog::open(&settings.api.audit_log, metrics.clone(), audit_stop.clone());
+    let runner = build_runner(
+        &settings,
+        containerd.clone(),
+        secrets.clone(),
+        audit,
+        metrics.clone(),
+    )?;
+    let gc = settings.gc.clone();
     let tasks = TaskTracker::new();
     // The audit log's own tracker: it stops only after the orders, whose lines it writes.
     let audit_tasks = TaskTracker::new();
@@ -190,9 +120,9 @@ pub async fn run(
         tasks.spawn(runner.clone().image_gc_loop(settings, gc_stop.clone()));
     }
     let metrics_stop = CancellationToken::new();
-    if !config.metrics_listen.is_empty() {
+    if !settings.api.metrics_listen.is_empty() {
         serve_metrics(
-            &config.metrics_listen,
+            &settings.api.metrics_listen,
             runner.clone(),
             metrics.clone(),
             &tasks,
@@ -216,12 +146,12 @@ pub async fn run(
 
     let access = match listen {
         ListenAddr::Unix(_) => Access::Local,
-        ListenAddr::Tcp(_) => Access::mtls(&config.access),
+        ListenAddr::Tcp(_) => Access::mtls(&settings.api.access),
     };
     let mut builder = Server::builder();
     if let ListenAddr::Tcp(_) = listen {
         builder = builder
-            .tls_config(tls_config(&config)?)
+            .tls_config(tls_config(&settings.api)?)
             .map_err(DaemonError::Server)?;
     }
     let router = builder
@@ -244,7 +174,7 @@ pub async fn run(
     };
     let result = match listen {
         ListenAddr::Unix(path) => {
-            let listener = bind_unix(&path, &config.socket_group)?;
+            let listener = bind_unix(&path, &settings.api.socket_group)?;
             info!(socket = %path.display(), "api listening");
             // Every unix connection goes through the front that addresses its requests to
             // `localhost` (api/front.rs); TCP connections reach h2 as they are.
@@ -299,6 +229,50 @@ pub async fn run(
 }
 
 /// SIGHUP reopens the audit log (after logrotate moved it), until `stop`.
+/// The order runner and everything it drives: registry auth, the puller with its signature
+/// policies, credential providers, the audit log and image GC.
+fn build_runner(
+    settings: &Settings,
+    containerd: Containerd,
+    secrets: Arc<SecretStore>,
+    audit: AuditLog,
+    metrics: SharedMetrics,
+) -> Result<Runner, DaemonError> {
+    let auth = Authenticator::new(&settings.auth, metrics.clone())
+        .map_err(|err| DaemonError::Auth(Box::new(err)))?;
+    let auth = Arc::new(auth);
+    let puller = Puller::new(
+        containerd.clone(),
+        settings.registry.clone(),
+        auth.clone(),
+        settings.orders.pull_deadline,
+        metrics.clone(),
+    )
+    .map_err(|err| DaemonError::Auth(Box::new(err)))?
+    .with_signatures(berth_registry::pull::signature::Signatures::new(
+        settings.policies.clone(),
+        settings.orders.access_check_ttl,
+        metrics.clone(),
+    ));
+    let providers = CredentialProviders::new(settings.providers.clone(), metrics.clone());
+    let runner = Runner::new(
+        containerd,
+        puller,
+        secrets,
+        auth,
+        settings.orders.logs_dir.clone(),
+        metrics,
+    )
+    .with_access_check_ttl(settings.orders.access_check_ttl)
+    .with_max_concurrent_pulls(settings.orders.max_concurrent_pulls)
+    .with_credential_providers(providers)
+    .with_audit(audit);
+    Ok(match &settings.gc {
+        Some(gc) => runner.with_image_gc(gc),
+        None => runner,
+    })
+}
+
 async fn reopen_on_sighup(reopen: AuditReopen, stop: CancellationToken) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(hangups) => hangups,
@@ -451,7 +425,7 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Opt
     }
 }
 
-fn tls_config(config: &Config) -> Result<ServerTlsConfig, DaemonError> {
+fn tls_config(config: &ApiSettings) -> Result<ServerTlsConfig, DaemonError> {
     let read = |path: &str| {
         std::fs::read(path).map_err(|source| DaemonError::Io {
             path: PathBuf::from(path),

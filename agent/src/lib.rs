@@ -27,16 +27,8 @@ pub mod daemon;
 pub mod telemetry;
 
 pub(crate) mod audit;
-pub(crate) mod auth;
-pub(crate) mod containerd;
-pub(crate) mod locks;
-pub(crate) mod metrics;
-pub(crate) mod order;
-pub(crate) mod pull;
-pub(crate) mod retry;
+pub(crate) mod code_name;
 pub(crate) mod run;
-pub(crate) mod secret;
-pub(crate) mod spec;
 
 /// Entry points for the fuzz targets in `fuzz/` (run by `scripts/fuzz.sh`): thin wrappers
 /// around the parsers of untrusted input. Not an API.
@@ -46,20 +38,20 @@ pub mod fuzzing {
 
     /// `ImageRef::parse` (an order's image reference); the normalised name when it parses.
     pub fn image_ref(input: &str) -> Option<String> {
-        let image = crate::order::ImageRef::parse(input).ok()?;
+        let image = berth_core::order::ImageRef::parse(input).ok()?;
         let _ = (image.registry(), image.repository(), image.to_string());
         Some(image.name())
     }
 
     /// `auth::challenge::parse` (a registry's `WWW-Authenticate`); whether it parses.
     pub fn www_authenticate(input: &str) -> bool {
-        crate::auth::challenge::parse(input).is_ok()
+        berth_registry::auth::challenge::parse(input).is_ok()
     }
 
     /// `pull::manifest::parse` (a manifest or index), then platform selection on an index
     /// and the `mediaType` / `Content-Type` check; whether it parses.
     pub fn manifest(input: &[u8]) -> bool {
-        use crate::pull::manifest;
+        use berth_registry::pull::manifest;
         let _ = manifest::check_content_type(input, Some(manifest::OCI_MANIFEST));
         match manifest::parse(input) {
             Ok(manifest::Parsed::Index(entries)) => {
@@ -74,7 +66,7 @@ pub mod fuzzing {
 
     /// OpenBao's `created_time` (an RFC 3339 UTC timestamp) → unix seconds.
     pub fn openbao_created_time(input: &str) -> Option<u64> {
-        crate::secret::openbao::rfc3339_unix_seconds(input)
+        berth_secrets::openbao::rfc3339_unix_seconds(input)
     }
 
     /// The unix socket's HTTP/2 front (`api/front.rs`) on a client's byte stream; whether it

@@ -14,9 +14,9 @@ use tracing::{info, instrument, Instrument as _};
 use super::access::{Access, Allowed};
 use super::convert;
 use super::pb;
-use super::status::ApiError;
-use crate::order::{parse_dns_label, parse_project, ImageRef, Order};
+use super::status::{order_status, ApiError};
 use crate::run::{ContainerKey, ContainerView, RunError, Runner};
+use berth_core::order::{parse_dns_label, parse_project, ImageRef, Order};
 
 #[derive(Debug)]
 pub(crate) struct AgentService {
@@ -59,7 +59,8 @@ impl pb::agent_server::Agent for AgentService {
         request: Request<pb::StartContainerRequest>,
     ) -> Result<Response<pb::Container>, Status> {
         let allowed = self.access.allowed(&request)?;
-        let order = Order::parse(convert::raw_order(request.into_inner())?)?;
+        let order = Order::parse(convert::raw_order(request.into_inner()).map_err(order_status)?)
+            .map_err(order_status)?;
         if !allowed.permits(&order.project) {
             return Err(ApiError::ProjectDenied {
                 project: order.project,
@@ -89,10 +90,10 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::PullImageRequest>,
     ) -> Result<Response<pb::PullPlan>, Status> {
-        let project = parse_project(&request.get_ref().project)?;
+        let project = parse_project(&request.get_ref().project).map_err(order_status)?;
         self.access.check(&request, &project)?;
         let request = request.into_inner();
-        let image = ImageRef::parse(&request.image)?;
+        let image = ImageRef::parse(&request.image).map_err(order_status)?;
         let pull_secret = (!request.pull_secret.is_empty()).then_some(request.pull_secret);
         let runner = self.runner.clone();
         let plan = self
@@ -118,10 +119,10 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::PullImageRequest>,
     ) -> Result<Response<PullStream>, Status> {
-        let project = parse_project(&request.get_ref().project)?;
+        let project = parse_project(&request.get_ref().project).map_err(order_status)?;
         self.access.check(&request, &project)?;
         let request = request.into_inner();
-        let image = ImageRef::parse(&request.image)?;
+        let image = ImageRef::parse(&request.image).map_err(order_status)?;
         let pull_secret = (!request.pull_secret.is_empty()).then_some(request.pull_secret);
         let (events, receiver) = mpsc::channel(64);
         let (progress, mut progress_rx) = mpsc::channel(64);
@@ -173,9 +174,9 @@ impl pb::agent_server::Agent for AgentService {
             let view = self.visible(&request, &request.get_ref().id).await?;
             return Ok(Response::new(convert::container(view)));
         }
-        let project = parse_project(&request.get_ref().project)?;
+        let project = parse_project(&request.get_ref().project).map_err(order_status)?;
         self.access.check(&request, &project)?;
-        let name = parse_dns_label(&request.get_ref().name, "name")?;
+        let name = parse_dns_label(&request.get_ref().name, "name").map_err(order_status)?;
         let view = self
             .runner
             .get(&ContainerKey::Name { project, name })
@@ -192,7 +193,7 @@ impl pb::agent_server::Agent for AgentService {
         let project = if request.project.is_empty() {
             None
         } else {
-            let project = parse_project(&request.project)?;
+            let project = parse_project(&request.project).map_err(order_status)?;
             if !allowed.permits(&project) {
                 return Err(ApiError::ProjectDenied { project }.into());
             }

@@ -3,10 +3,10 @@
 use std::time::SystemTime;
 
 use super::pb;
-use crate::order::{OrderError, PullPolicy, RawOrder};
-use crate::pull::PullProgress;
 use crate::run::{ContainerState, ContainerView, PullPlan};
-use crate::secret::{SecretKind, SecretMeta};
+use berth_core::order::{OrderError, PullPolicy, RawOrder};
+use berth_registry::pull::PullProgress;
+use berth_secrets::{SecretKind, SecretMeta};
 
 pub(super) fn raw_order(request: pb::StartContainerRequest) -> Result<RawOrder, OrderError> {
     let container = request

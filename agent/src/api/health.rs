@@ -13,8 +13,8 @@ use tracing::{error, info, warn};
 use super::pb::agent_server::AgentServer;
 use super::pb::secrets_server::SecretsServer;
 use super::{AgentService, SecretsService};
-use crate::containerd::{Containerd, ContainerdVersion};
-use crate::metrics::SharedMetrics;
+use berth_core::metrics::SharedMetrics;
+use berth_runtime::containerd::{Containerd, ContainerdVersion};
 
 /// How often containerd is asked whether it answers, and how long an answer may take.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);

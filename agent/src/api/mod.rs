@@ -5,7 +5,7 @@ mod agent;
 mod convert;
 pub(crate) mod front;
 mod health;
-pub mod pb;
+pub use berth_proto as pb;
 mod secrets;
 mod status;
 
@@ -14,4 +14,3 @@ pub(crate) use agent::AgentService;
 pub(crate) use front::UnixFront;
 pub(crate) use health::Health;
 pub(crate) use secrets::SecretsService;
-pub(crate) use status::run_code;

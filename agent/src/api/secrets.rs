@@ -9,9 +9,9 @@ use tracing::{info, instrument};
 use super::access::Access;
 use super::convert;
 use super::pb::{self, create_secret_request::Credential as PbCredential};
-use super::status::ApiError;
-use crate::order::parse_project;
-use crate::secret::{Credential, NewSecret, SecretId, SecretKind, SecretStore};
+use super::status::{order_status, secret_status, ApiError};
+use berth_core::order::parse_project;
+use berth_secrets::{Credential, NewSecret, SecretId, SecretKind, SecretStore};
 
 #[derive(Debug)]
 pub(crate) struct SecretsService {
@@ -32,7 +32,7 @@ impl pb::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<pb::CreateSecretRequest>,
     ) -> Result<Response<pb::Secret>, Status> {
-        let project = parse_project(&request.get_ref().project)?;
+        let project = parse_project(&request.get_ref().project).map_err(order_status)?;
         self.access.check(&request, &project)?;
         let request = request.into_inner();
         let (kind, server, credential) = match request.credential {
@@ -65,7 +65,8 @@ impl pb::secrets_server::Secrets for SecretsService {
                 server,
                 credential,
             })
-            .await?;
+            .await
+            .map_err(secret_status)?;
         info!(id = %meta.id, kind = %meta.kind, server = %meta.server, "secret created");
         Ok(Response::new(convert::secret(meta)))
     }
@@ -74,9 +75,9 @@ impl pb::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
-        let project = parse_project(&request.get_ref().project)?;
+        let project = parse_project(&request.get_ref().project).map_err(order_status)?;
         self.access.check(&request, &project)?;
-        let secrets = self.store.list(&project).await?;
+        let secrets = self.store.list(&project).await.map_err(secret_status)?;
         Ok(Response::new(pb::ListSecretsResponse {
             secrets: secrets.into_iter().map(convert::secret).collect(),
         }))
@@ -87,10 +88,13 @@ impl pb::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<pb::DeleteSecretRequest>,
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
-        let project = parse_project(&request.get_ref().project)?;
+        let project = parse_project(&request.get_ref().project).map_err(order_status)?;
         self.access.check(&request, &project)?;
-        let id = SecretId::parse(&request.get_ref().id)?;
-        self.store.delete(&project, &id).await?;
+        let id = SecretId::parse(&request.get_ref().id).map_err(secret_status)?;
+        self.store
+            .delete(&project, &id)
+            .await
+            .map_err(secret_status)?;
         info!("secret deleted");
         Ok(Response::new(pb::DeleteSecretResponse {}))
     }

@@ -4,12 +4,10 @@
 use tonic::{Code, Status};
 use tracing::{error, info, warn};
 
-use crate::auth::AuthError;
-use crate::containerd::ContainerdError;
-use crate::order::OrderError;
-use crate::pull::PullError;
+use crate::run::code::run_code;
 use crate::run::RunError;
-use crate::secret::SecretError;
+use berth_core::order::OrderError;
+use berth_secrets::SecretError;
 
 /// Refusals the API layer decides itself: who is calling, and what a request lacks before any
 /// stage sees it. Mapped here with everything else.
@@ -73,107 +71,14 @@ impl From<RunError> for Status {
     }
 }
 
-impl From<SecretError> for Status {
-    fn from(err: SecretError) -> Self {
-        RunError::Secret(err).into()
-    }
+/// A secret store's failure, answered as an order's would be.
+pub(crate) fn secret_status(err: SecretError) -> Status {
+    RunError::Secret(err).into()
 }
 
-impl From<OrderError> for Status {
-    fn from(err: OrderError) -> Self {
-        RunError::Order(err).into()
-    }
-}
-
-/// The code `err` is answered with (also the `result` of its audit line).
-pub(crate) fn run_code(err: &RunError) -> Code {
-    match err {
-        RunError::Order(err) => order_code(err),
-        RunError::Secret(err) => secret_code(err),
-        RunError::Auth(err) => auth_code(err),
-        RunError::Pull(err) => pull_code(err),
-        RunError::Spec { .. } => Code::InvalidArgument,
-        RunError::OrderConflict { .. } | RunError::NameTaken { .. } => Code::AlreadyExists,
-        RunError::ContainerNotFound { .. } => Code::NotFound,
-        RunError::StillRunning { .. } | RunError::ImageAbsent { .. } | RunError::Start { .. } => {
-            Code::FailedPrecondition
-        }
-        RunError::Containerd { source, .. } | RunError::Prune { source, .. } => {
-            containerd_code(source)
-        }
-        RunError::Cancelled { .. } => Code::Cancelled,
-        // A plugin that failed, timed out or answered nonsense: it may answer later.
-        RunError::Provider(_) => Code::Unavailable,
-        RunError::Log { .. } | RunError::DiskUse { .. } => Code::Internal,
-    }
-}
-
-fn order_code(err: &OrderError) -> Code {
-    match err {
-        OrderError::Missing { .. } | OrderError::Invalid { .. } | OrderError::Reference { .. } => {
-            Code::InvalidArgument
-        }
-    }
-}
-
-fn secret_code(err: &SecretError) -> Code {
-    match err {
-        SecretError::NotFound { .. } => Code::NotFound,
-        SecretError::NameTaken { .. } => Code::AlreadyExists,
-        SecretError::Invalid { .. } => Code::InvalidArgument,
-        SecretError::Io { .. } | SecretError::Corrupt { .. } | SecretError::Key { .. } => {
-            Code::Internal
-        }
-        // OpenBao down, sealed or failing: transient, the caller may retry.
-        SecretError::Unavailable { .. } => Code::Unavailable,
-        // The agent's own OpenBao policy forbids the path (e.g. another project's secrets).
-        SecretError::Denied { .. } => Code::PermissionDenied,
-        // The agent's OpenBao login or the secret's layout needs an operator; retrying won't help.
-        SecretError::Login { .. }
-        | SecretError::CredentialFile { .. }
-        | SecretError::Malformed { .. } => Code::FailedPrecondition,
-        SecretError::Backend { .. } => Code::Internal,
-    }
-}
-
-fn auth_code(err: &AuthError) -> Code {
-    match err {
-        AuthError::WrongServer { .. } | AuthError::Key { .. } => Code::InvalidArgument,
-        AuthError::Rejected { .. } | AuthError::Realm { .. } => Code::PermissionDenied,
-        AuthError::Unreachable { .. }
-        | AuthError::RegistryUnreachable { .. }
-        | AuthError::TokenEndpointDown { .. } => Code::Unavailable,
-        AuthError::TokenResponse { .. }
-        | AuthError::Challenge { .. }
-        | AuthError::KeyUnusable { .. } => Code::FailedPrecondition,
-        AuthError::Client(_) => Code::Internal,
-    }
-}
-
-fn pull_code(err: &PullError) -> Code {
-    match err {
-        PullError::Denied { .. } => Code::PermissionDenied,
-        PullError::NotFound { .. } | PullError::NoPlatform { .. } => Code::NotFound,
-        PullError::Mismatch { .. } => Code::DataLoss,
-        PullError::Unsupported { .. } | PullError::Config { .. } => Code::FailedPrecondition,
-        PullError::Unreachable { .. } | PullError::Throttled { .. } | PullError::Stalled { .. } => {
-            Code::Unavailable
-        }
-        // A signature policy refusal, or a signature fetch that failed for good.
-        PullError::Signature { .. } | PullError::SignatureFetch { .. } => Code::FailedPrecondition,
-        PullError::Deadline { .. } => Code::DeadlineExceeded,
-        PullError::Registry { .. } | PullError::Client { .. } => Code::Internal,
-        PullError::Containerd { source, .. } => containerd_code(source),
-        PullError::Auth(err) => auth_code(err),
-    }
-}
-
-fn containerd_code(err: &ContainerdError) -> Code {
-    if err.is_unavailable() {
-        Code::Unavailable
-    } else {
-        Code::Internal
-    }
+/// An invalid order, answered as the runner's own refusals are.
+pub(crate) fn order_status(err: OrderError) -> Status {
+    RunError::Order(err).into()
 }
 
 /// The error and its sources, for the log (sources never carry credential material).
@@ -191,6 +96,7 @@ fn chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_registry::pull::PullError;
 
     #[test]
     fn api_refusals_get_their_codes_and_an_internal_one_says_nothing_more() {
@@ -230,7 +136,7 @@ mod tests {
             status.message()
         );
     }
-    use crate::pull::verify::Mismatch;
+    use berth_registry::pull::verify::Mismatch;
 
     #[test]
     fn contract_codes() {
@@ -337,5 +243,56 @@ mod tests {
         .into();
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("/secret/path"));
+    }
+
+    #[test]
+    fn openbao_errors_map_to_grpc_codes() {
+        let address = "https://bao.example:8200".to_owned();
+        let cases = [
+            (
+                SecretError::Unavailable {
+                    address: address.clone(),
+                    reason: "it is sealed",
+                    source: None,
+                },
+                Code::Unavailable,
+            ),
+            (
+                SecretError::Denied {
+                    address: address.clone(),
+                    path: "secret/data/berth/b/secret-x".to_owned(),
+                },
+                Code::PermissionDenied,
+            ),
+            (
+                SecretError::Login {
+                    address: address.clone(),
+                    reason: "the approle role_id or secret_id is not valid",
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                SecretError::Malformed {
+                    id: "secret-x".to_owned(),
+                    reason: "field kind is missing",
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                SecretError::Backend {
+                    address: address.clone(),
+                    path: "p".to_owned(),
+                    reason: "r",
+                },
+                Code::Internal,
+            ),
+        ];
+        for (err, code) in cases {
+            let status = secret_status(err);
+            assert_eq!(status.code(), code, "{status:?}");
+            if code != Code::Internal {
+                assert!(status.message().contains("openbao"), "{status:?}");
+            }
+        }
     }
 }

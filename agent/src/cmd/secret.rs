@@ -516,7 +516,7 @@ fn entry_credential(entry: &DockerAuthEntry) -> Result<(String, SecretString), E
 
 /// The secret's server as the daemon will store it; empty when it is not a registry host.
 fn normalize_server(key: &str) -> String {
-    crate::secret::normalize_server(key.trim()).unwrap_or_default()
+    berth_secrets::normalize_server(key.trim()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 
 use super::{RunError, Runner};
 use crate::audit::{AuditAction, AuditSubject, ANONYMOUS};
-use crate::order::ImageRef;
-use crate::pull::PulledImage;
-use crate::secret::StoredSecret;
+use berth_core::order::ImageRef;
+use berth_registry::pull::PulledImage;
+use berth_secrets::StoredSecret;
 
 /// Who an audit line is about: `project`'s order `order_id` (empty for PullImage) with
 /// `secret` (anonymous without one).
@@ -29,7 +29,7 @@ impl Runner {
         subject: &AuditSubject,
         secret: Option<&StoredSecret>,
         image: &ImageRef,
-    ) -> Result<crate::auth::Grant, RunError> {
+    ) -> Result<berth_registry::auth::Grant, RunError> {
         let result = self.auth.grant(secret, image).await.map_err(RunError::from);
         if !result.as_ref().is_ok_and(|grant| grant.cached) {
             self.audit_use(subject, image, "", AuditAction::Token, &result);
@@ -48,7 +48,7 @@ impl Runner {
     ) {
         let outcome = match result {
             Ok(_) => "ok",
-            Err(err) => crate::audit::code_name(crate::api::run_code(err)),
+            Err(err) => super::code::audit_result(err),
         };
         self.audit.record(
             subject,

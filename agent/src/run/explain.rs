@@ -5,11 +5,12 @@
 
 use tracing::instrument;
 
-use super::{access_key, audit_subject, RunError, Runner};
+use super::image::access_key;
+use super::{audit_subject, RunError, Runner};
 use crate::audit::AuditAction;
-use crate::order::ImageRef;
-use crate::pull::{PullError, PulledImage};
-use crate::secret::StoredSecret;
+use berth_core::order::ImageRef;
+use berth_registry::pull::{PullError, PulledImage};
+use berth_secrets::StoredSecret;
 
 /// What a pull of an image would do now (ExplainPull).
 #[derive(Debug, Clone)]
@@ -81,7 +82,7 @@ impl Runner {
                     image.repository(),
                     "",
                     AuditAction::Token,
-                    crate::audit::code_name(crate::api::run_code(&err)),
+                    super::code::audit_result(&err),
                 );
                 return Err(err);
             }
@@ -102,7 +103,7 @@ impl Runner {
                 let order = ExplainOrder { project, image };
                 match self.explain_access(&order, secret, pulled).await {
                     Ok(()) => "ok",
-                    Err(err) => crate::audit::code_name(crate::api::run_code(&err)),
+                    Err(err) => super::code::audit_result(&err),
                 }
             }
             Some(_) | None => "ok",

@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 
 use super::prune::prune_error;
 use super::{RunError, Runner};
-use crate::containerd::ListedImage;
-use crate::pull::{unix_seconds_now, LABEL_LAST_USED};
+use berth_registry::pull::{unix_seconds_now, LABEL_LAST_USED};
+use berth_runtime::containerd::ListedImage;
 
 /// Settings of the image GC, from `[gc]`.
 #[derive(Debug, Clone)]

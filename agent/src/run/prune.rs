@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 use tracing::{info, instrument};
 
 use super::{RunError, Runner, LABEL_IMAGE};
-use crate::containerd::{Containerd, ContainerdError, ListedImage};
-use crate::pull::manifest::{self, Manifest, Parsed};
+use berth_registry::pull::manifest::{self, Manifest, Parsed};
+use berth_runtime::containerd::{Containerd, ContainerdError, ListedImage};
 
 /// Largest manifest or index read while sizing an image.
 const MAX_DOCUMENT: u64 = 4 << 20;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::SharedMetrics;
+use berth_core::metrics::SharedMetrics;
 
 /// The host's pull queue; no limit by default.
 #[derive(Debug, Default)]

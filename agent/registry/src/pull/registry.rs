@@ -1,0 +1,499 @@
+//! The distribution protocol: oci-client answers the registry's challenge once per pull; berth
+//! then fetches manifests (capped at 4 MiB, digest-checked) and streams blobs itself, so that
+//! it controls redirects (never https -> http, never Authorization to another host).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt as _, TryStreamExt as _};
+use oci_client::secrets::RegistryAuth;
+use oci_client::Reference;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use sha2::{Digest as _, Sha256};
+
+use super::manifest::{self, Descriptor};
+use super::verify::Mismatch;
+use super::PullError;
+use crate::auth::Authenticator;
+use berth_core::order::ImageRef;
+
+/// Registry settings shared by every pull, from `[registry]`.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    pub plain_http: Vec<String>,
+    /// PEM bundles trusted beside the system roots.
+    pub ca_pems: Vec<Vec<u8>>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub max_concurrent_downloads: usize,
+    /// Attempts per request (connection errors, timeouts, 429 and 5xx are retried).
+    pub retries: u32,
+    /// A blob download that receives no byte for this long is cut and resumed; None = off.
+    pub stall_timeout: Option<Duration>,
+    /// Download bandwidth of all pulls together; 0 = no limit.
+    pub max_bytes_per_second: u64,
+    /// `[[registry.mirror]]`, in file order.
+    pub mirrors: Vec<berth_core::host::Mirror>,
+}
+
+/// Largest manifest or index berth reads (distribution caps pushes at 4 MiB too).
+const MAX_MANIFEST: usize = 4 << 20;
+
+impl RegistrySettings {
+    /// The HTTP client for manifests and blobs: the configured CAs beside the system roots,
+    /// connect/read timeouts, no automatic decompression, and a redirect policy that refuses
+    /// https -> http. reqwest drops Authorization (and cookies) on every hop to another host
+    /// or port, so blob-storage redirect targets never see a credential.
+    pub fn http_client(&self) -> Result<reqwest::Client, PullError> {
+        let mut certificates = Vec::new();
+        for pem in &self.ca_pems {
+            certificates.extend(
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|source| PullError::Client {
+                    source: Box::new(source),
+                })?,
+            );
+        }
+        let policy = reqwest::redirect::Policy::custom(|attempt| {
+            let downgrade = attempt.url().scheme() == "http"
+                && attempt.previous().iter().any(|url| url.scheme() == "https");
+            if downgrade {
+                attempt.error("refusing a redirect from https to http")
+            } else if attempt.previous().len() > 10 {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        });
+        reqwest::Client::builder()
+            .redirect(policy)
+            .tls_certs_merge(certificates)
+            .connect_timeout(self.connect_timeout)
+            .read_timeout(self.read_timeout)
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| PullError::Client {
+                source: Box::new(source),
+            })
+    }
+}
+
+/// Where a session's requests go.
+struct Target {
+    /// Registry host and repository as the host knows them.
+    reference: Reference,
+    /// `host[:port]`, named in errors.
+    host: String,
+    plain_http: bool,
+}
+
+/// A `Retry-After` given in seconds (the HTTP-date form is ignored), at most a minute.
+fn retry_after(response: &reqwest::Response) -> Option<std::time::Duration> {
+    let seconds: u64 = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_secs(seconds.min(60)))
+}
+
+/// One authenticated conversation with a registry about one repository.
+#[derive(Clone)]
+pub struct Session {
+    http: reqwest::Client,
+    /// `<scheme>://<host>/v2/<repository>`
+    base: String,
+    /// The Authorization header value (Bearer token or Basic), if any.
+    authorization: Option<Arc<SecretString>>,
+    image: ImageRef,
+    /// The host spoken to, named in errors: the image's registry, or a mirror of it.
+    host: Arc<str>,
+    secret_id: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("base", &self.base)
+            .field("image", &self.image)
+            .field("host", &self.host)
+            .field("secret_id", &self.secret_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Authenticates to the registry of `image` through oci-client's challenge handling
+    /// (a Bearer grant is used as is; Basic goes to the registry or its token realm, as the
+    /// registry's challenge decides; anonymous gets an anonymous token where one is needed).
+    pub async fn open(
+        settings: &RegistrySettings,
+        http: &reqwest::Client,
+        authenticator: &Authenticator,
+        image: &ImageRef,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+    ) -> Result<Self, PullError> {
+        let plain_http = settings
+            .plain_http
+            .iter()
+            .any(|host| host == image.registry());
+        let target = Target {
+            reference: image.reference().clone(),
+            host: image.registry().to_owned(),
+            plain_http,
+        };
+        Self::open_at(
+            http,
+            authenticator,
+            image,
+            target,
+            auth,
+            secret_id,
+            settings.retries,
+        )
+        .await
+    }
+
+    /// Like [`Self::open`], but speaks to a mirror of the image's registry: `endpoint`'s host,
+    /// with its path prefix before the repository. Errors name the mirror.
+    pub async fn open_mirror(
+        http: &reqwest::Client,
+        authenticator: &Authenticator,
+        image: &ImageRef,
+        endpoint: &berth_core::host::Endpoint,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+    ) -> Result<Self, PullError> {
+        let target = Target {
+            reference: Reference::with_tag(
+                endpoint.host().to_owned(),
+                endpoint.repository(image.repository()),
+                "latest".to_owned(),
+            ),
+            host: endpoint.host().to_owned(),
+            plain_http: endpoint.plain_http(),
+        };
+        // One attempt: a failing mirror hands over to the next source.
+        Self::open_at(http, authenticator, image, target, auth, secret_id, 1).await
+    }
+
+    async fn open_at(
+        http: &reqwest::Client,
+        authenticator: &Authenticator,
+        image: &ImageRef,
+        target: Target,
+        auth: RegistryAuth,
+        secret_id: Option<&str>,
+        attempts: u32,
+    ) -> Result<Self, PullError> {
+        let registry = target.reference.resolve_registry();
+        let scheme = if target.plain_http { "http" } else { "https" };
+        let mut session = Self {
+            http: http.clone(),
+            base: format!("{scheme}://{registry}/v2/{}", target.reference.repository()),
+            authorization: None,
+            image: image.clone(),
+            host: Arc::from(target.host.as_str()),
+            secret_id: secret_id.map(Arc::from),
+        };
+        let own_registry = target.host == image.registry();
+        let auth = match auth {
+            // The Authenticator's answer to this registry's challenge (its realm checked).
+            RegistryAuth::Bearer(_) | RegistryAuth::Basic(..) if own_registry => auth,
+            // A mirror, or an anonymous request: answer that host's own challenge, after the
+            // same realm checks.
+            RegistryAuth::Basic(username, password) => {
+                let password = SecretString::from(password);
+                authenticator
+                    .grant_at(
+                        &target.host,
+                        target.plain_http,
+                        target.reference.repository(),
+                        Some((&username, &password)),
+                        attempts,
+                    )
+                    .await
+                    .map_err(PullError::Auth)?
+            }
+            RegistryAuth::Anonymous => authenticator
+                .grant_at(
+                    &target.host,
+                    target.plain_http,
+                    target.reference.repository(),
+                    None,
+                    attempts,
+                )
+                .await
+                .map_err(PullError::Auth)?,
+            RegistryAuth::Bearer(token) => RegistryAuth::Bearer(token),
+        };
+        session.authorization = match auth {
+            RegistryAuth::Bearer(token) => {
+                Some(Arc::new(SecretString::from(format!("Bearer {token}"))))
+            }
+            RegistryAuth::Basic(username, password) => {
+                let encoded = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{password}"));
+                Some(Arc::new(SecretString::from(format!("Basic {encoded}"))))
+            }
+            RegistryAuth::Anonymous => None,
+        };
+        Ok(session)
+    }
+
+    fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        let request = self.http.get(url);
+        match &self.authorization {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.expose_secret()),
+            None => request,
+        }
+    }
+
+    /// Fetches a manifest or index by tag or digest (at most 4 MiB); returns its bytes and
+    /// digest, checked against the reference's digest and the registry's digest header, and
+    /// its body `mediaType` against the `Content-Type` (CVE-2021-41190).
+    pub async fn manifest(&self, reference: &Reference) -> Result<(Bytes, String), PullError> {
+        let tag_or_digest = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = format!("{}/manifests/{tag_or_digest}", self.base);
+        let response = self
+            .get(&url)
+            .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "))
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        let response = self.check_status(response)?;
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned());
+        let header_digest = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = self.read_capped(response, MAX_MANIFEST).await?;
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+        let mismatch = |expected: &str| PullError::Mismatch {
+            image: self.image.to_string(),
+            source: Mismatch::Digest {
+                digest: expected.to_owned(),
+                actual: digest.clone(),
+            },
+        };
+        if let Some(expected) = reference.digest() {
+            if expected != digest {
+                return Err(mismatch(expected));
+            }
+        }
+        if let Some(expected) = header_digest
+            .as_deref()
+            .filter(|d| d.starts_with("sha256:"))
+        {
+            if expected != digest {
+                return Err(mismatch(expected));
+            }
+        }
+        manifest::check_content_type(&body, content_type.as_deref()).map_err(|reason| {
+            PullError::Unsupported {
+                image: self.image.to_string(),
+                reason,
+            }
+        })?;
+        Ok((body, digest))
+    }
+
+    /// Whether the registry serves the manifest `digest` to this session (a HEAD request,
+    /// which Docker Hub does not count against its pull limit).
+    pub async fn head_manifest(&self, digest: &str) -> Result<(), PullError> {
+        let url = format!("{}/manifests/{digest}", self.base);
+        let request = match &self.authorization {
+            Some(value) => self
+                .http
+                .head(&url)
+                .header(reqwest::header::AUTHORIZATION, value.expose_secret()),
+            None => self.http.head(&url),
+        };
+        let response = request
+            .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "))
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        self.check_status(response).map(|_| ())
+    }
+
+    /// The OCI 1.1 referrers of `digest` (an image index listing them), or None when the
+    /// registry has no referrers API (404, as distribution 2.8 answers). Capped at 4 MiB.
+    pub async fn referrers(&self, digest: &str) -> Result<Option<Bytes>, PullError> {
+        let url = format!("{}/referrers/{digest}", self.base);
+        let response = self
+            .get(&url)
+            .header(reqwest::header::ACCEPT, manifest::OCI_INDEX)
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let response = self.check_status(response)?;
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned());
+        if content_type.as_deref() != Some(manifest::OCI_INDEX) {
+            // Some registries answer unknown routes with a page of their own: no referrers API.
+            return Ok(None);
+        }
+        self.read_capped(response, MAX_MANIFEST).await.map(Some)
+    }
+
+    /// A small blob (a signature payload or bundle), read whole (at most `limit` bytes) and
+    /// checked against `desc`.
+    pub async fn small_blob(&self, desc: &Descriptor, limit: u64) -> Result<Bytes, PullError> {
+        let unsupported = PullError::Unsupported {
+            image: self.image.to_string(),
+            reason: manifest::ManifestError("a signature blob is larger than berth reads"),
+        };
+        if desc.size > limit {
+            return Err(unsupported);
+        }
+        manifest::check_digest(&desc.digest).map_err(|reason| PullError::Unsupported {
+            image: self.image.to_string(),
+            reason,
+        })?;
+        let url = format!("{}/blobs/{}", self.base, desc.digest);
+        let response = self
+            .get(&url)
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        let response = self.check_status(response)?;
+        let body = self
+            .read_capped(response, usize::try_from(limit).unwrap_or(usize::MAX))
+            .await?;
+        super::verify::verify_bytes(&desc.digest, Some(desc.size), &body).map_err(|source| {
+            PullError::Mismatch {
+                image: self.image.to_string(),
+                source,
+            }
+        })?;
+        Ok(body)
+    }
+
+    /// A reference to `tag` in this session's repository.
+    pub fn reference_with_tag(&self, tag: &str) -> Reference {
+        let reference = self.image.reference();
+        Reference::with_tag(
+            reference.registry().to_owned(),
+            reference.repository().to_owned(),
+            tag.to_owned(),
+        )
+    }
+
+    /// Opens the blob of `desc` from byte `offset` (not yet verified: the caller verifies).
+    /// Returns the stream and whether it starts at `offset` (false: the registry ignored the
+    /// Range and sends the whole blob).
+    pub async fn blob(
+        &self,
+        desc: &Descriptor,
+        offset: u64,
+    ) -> Result<(BoxStream<'static, std::io::Result<Bytes>>, bool), PullError> {
+        let url = format!("{}/blobs/{}", self.base, desc.digest);
+        let mut request = self.get(&url);
+        if offset > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let response = request.send().await.map_err(|err| self.unreachable(err))?;
+        let response = self.check_status(response)?;
+        let from_offset = offset == 0 || response.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+        let stream = response.bytes_stream().map_err(std::io::Error::other);
+        Ok((Box::pin(stream), from_offset))
+    }
+
+    /// Reads a body, refusing more than `limit` bytes.
+    async fn read_capped(
+        &self,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Bytes, PullError> {
+        let mut body = bytes::BytesMut::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|err| self.unreachable(err))?;
+            if body.len() + chunk.len() > limit {
+                return Err(PullError::Unsupported {
+                    image: self.image.to_string(),
+                    reason: manifest::ManifestError("manifest larger than 4 MiB"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+
+    /// Success, or what the status means for the order.
+    fn check_status(&self, response: reqwest::Response) -> Result<reqwest::Response, PullError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let registry = self.host.to_string();
+        let repository = self.image.repository().to_owned();
+        Err(match status.as_u16() {
+            401 | 403 => PullError::Denied {
+                registry,
+                repository,
+                secret: self.secret_id.as_deref().map(str::to_owned),
+            },
+            404 => PullError::NotFound {
+                image: self.image.to_string(),
+            },
+            429 | 503 if retry_after(&response).is_some() => PullError::Throttled {
+                registry,
+                retry_after: retry_after(&response).unwrap_or_default(),
+            },
+            429 | 500..=599 => PullError::Unreachable {
+                registry,
+                source: format!("the registry answered {status}").into(),
+            },
+            _ => PullError::Registry {
+                registry,
+                repository,
+                source: format!("the registry answered {status}").into(),
+            },
+        })
+    }
+
+    fn unreachable(&self, err: reqwest::Error) -> PullError {
+        if err.is_redirect() {
+            // The redirect policy refused (https -> http, or too many hops): a policy refusal.
+            return PullError::Unsupported {
+                image: self.image.to_string(),
+                reason: manifest::ManifestError(
+                    "the registry redirected from https to plain http, or more than 10 times",
+                ),
+            };
+        }
+        PullError::Unreachable {
+            registry: self.host.to_string(),
+            source: Box::new(err),
+        }
+    }
+
+    pub fn reference_with_digest(&self, digest: &str) -> Reference {
+        let reference = self.image.reference();
+        Reference::with_digest(
+            reference.registry().to_owned(),
+            reference.repository().to_owned(),
+            digest.to_owned(),
+        )
+    }
+}
