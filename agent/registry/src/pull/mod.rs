@@ -4,7 +4,9 @@
 
 mod bandwidth;
 mod blob;
+mod cached;
 pub mod cosign;
+mod error;
 mod explain;
 pub mod manifest;
 pub mod mirror;
@@ -25,19 +27,20 @@ use oci_client::secrets::RegistryAuth;
 use tokio::sync::mpsc;
 use tracing::{info, instrument};
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::Authenticator;
 use berth_core::locks::KeyedLocks;
 use berth_core::metrics::{PullLabels, SharedMetrics};
 use berth_core::order::ImageRef;
-use berth_runtime::containerd::{Containerd, ContainerdError, Lease};
+use berth_runtime::containerd::{Containerd, Lease};
 use blob::Reporter;
+use error::retry;
+pub use error::PullError;
 use manifest::{Descriptor, Manifest, Parsed};
 pub use registry::RegistrySettings;
 use registry::Session;
-use signature::{SignatureStatus, Signatures, Subject};
+use signature::{Signatures, Subject};
 use stagger::Stagger;
 use unpack::Arrivals;
-use verify::Mismatch;
 
 /// Largest manifest, index or image config berth reads.
 const MAX_DOCUMENT: u64 = 4 << 20;
@@ -54,174 +57,6 @@ pub fn unix_seconds_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
-}
-
-/// A failed pull. Messages name the image, registry, repository and secret id, never material.
-#[derive(Debug, thiserror::Error)]
-pub enum PullError {
-    #[error(
-        "registry {registry} refused access to repository {repository}{}",
-        secret_suffix(secret)
-    )]
-    Denied {
-        registry: String,
-        repository: String,
-        secret: Option<String>,
-    },
-    #[error("image {image} not found")]
-    NotFound { image: String },
-    #[error("image {image} has no manifest for {os}/{arch}")]
-    NoPlatform {
-        image: String,
-        os: &'static str,
-        arch: &'static str,
-    },
-    #[error("image {image} failed verification")]
-    Mismatch {
-        image: String,
-        #[source]
-        source: Mismatch,
-    },
-    #[error("image {image}: {reason}")]
-    Unsupported {
-        image: String,
-        #[source]
-        reason: manifest::ManifestError,
-    },
-    #[error("registry {registry} asked berth to come back in {} s", retry_after.as_secs())]
-    Throttled {
-        registry: String,
-        retry_after: Duration,
-    },
-    #[error("a download from registry {registry} received nothing for {} s", stalled_for.as_secs())]
-    Stalled {
-        registry: String,
-        stalled_for: Duration,
-    },
-    #[error("registry {registry} is not reachable")]
-    Unreachable {
-        registry: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("registry {registry} failed a request for repository {repository}")]
-    Registry {
-        registry: String,
-        repository: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error(transparent)]
-    Auth(AuthError),
-    #[error("setting up the registry client")]
-    Client {
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("image {image}: the config is not a valid image config")]
-    Config {
-        image: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("pulling {image} took longer than the pull deadline")]
-    Deadline { image: String },
-    #[error("image {image}: signature check refused {digest} under policy {policy}: {fault}")]
-    Signature {
-        image: String,
-        digest: String,
-        policy: String,
-        fault: cosign::SignatureFault,
-    },
-    #[error(
-        "image {image}: signature check of {digest} under policy {policy} failed: fetching {what} failed"
-    )]
-    SignatureFetch {
-        image: String,
-        digest: String,
-        policy: String,
-        what: String,
-        #[source]
-        source: Box<PullError>,
-    },
-    #[error("writing image {image} into containerd")]
-    Containerd {
-        image: String,
-        #[source]
-        source: ContainerdError,
-    },
-}
-
-impl PullError {
-    /// The `result` label of `berth_pulls_total`.
-    /// A signature policy refused the image or its signature could not be fetched.
-    pub fn is_signature(&self) -> bool {
-        matches!(
-            self,
-            PullError::Signature { .. } | PullError::SignatureFetch { .. }
-        )
-    }
-
-    pub fn result_label(&self) -> &'static str {
-        match self {
-            PullError::Denied { .. } => "denied",
-            PullError::NotFound { .. } | PullError::NoPlatform { .. } => "not_found",
-            PullError::Mismatch { .. } => "data_loss",
-            PullError::Unreachable { .. }
-            | PullError::Throttled { .. }
-            | PullError::Stalled { .. } => "unavailable",
-            PullError::Deadline { .. } => "deadline",
-            PullError::Unsupported { .. } | PullError::Config { .. } => "unsupported",
-            PullError::Signature { .. } | PullError::SignatureFetch { .. } => "signature",
-            PullError::Auth(err) if err.is_transient() => "unavailable",
-            PullError::Auth(AuthError::Rejected { .. } | AuthError::Realm { .. }) => "denied",
-            PullError::Auth(_)
-            | PullError::Registry { .. }
-            | PullError::Client { .. }
-            | PullError::Containerd { .. } => "error",
-        }
-    }
-
-    /// How long the registry asked berth to wait (`Retry-After`), if it did.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            PullError::Throttled { retry_after, .. } => Some(*retry_after),
-            _ => None,
-        }
-    }
-
-    /// Worth another attempt: the registry was unreachable, overloaded or failing (5xx, 429).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            PullError::Unreachable { .. }
-            | PullError::Throttled { .. }
-            | PullError::Stalled { .. } => true,
-            PullError::Auth(err) => err.is_transient(),
-            _ => false,
-        }
-    }
-}
-
-/// Runs `op` up to `attempts` times while the registry is unreachable, overloaded or failing.
-async fn retry<T, F, Fut>(attempts: u32, op: F) -> Result<T, PullError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, PullError>>,
-{
-    berth_core::retry::retry_hinted(
-        attempts,
-        PullError::is_retryable,
-        PullError::retry_after,
-        op,
-    )
-    .await
-}
-
-fn secret_suffix(secret: &Option<String>) -> String {
-    match secret {
-        Some(id) => format!(" with secret {id}"),
-        None => " without a credential".to_owned(),
-    }
 }
 
 /// Progress of one pull, for PullImage's stream.
@@ -784,175 +619,4 @@ fn distribution_source(image: &ImageRef) -> (String, String) {
         format!("containerd.io/distribution.source.{host}"),
         image.repository().to_owned(),
     )
-}
-
-impl Puller {
-    /// The image as containerd has it, ready to run; None when it is absent or incomplete
-    /// (then it is pulled again).
-    pub async fn load(&self, image: &ImageRef) -> Result<Option<PulledImage>, PullError> {
-        let containerd_err = |source| PullError::Containerd {
-            image: image.to_string(),
-            source,
-        };
-        let Some(record) = self
-            .containerd
-            .get_image(&image.name())
-            .await
-            .map_err(containerd_err)?
-        else {
-            return Ok(None);
-        };
-        let Some(manifest_digest) = record.labels.get(LABEL_MANIFEST).cloned() else {
-            return Ok(None);
-        };
-        let index_digest = Some(record.target_digest.clone())
-            .filter(|target| !target.is_empty() && *target != manifest_digest);
-        let private = record
-            .labels
-            .get(LABEL_PRIVATE)
-            .is_none_or(|v| v != "false");
-        let last_used = record
-            .labels
-            .get(LABEL_LAST_USED)
-            .and_then(|seconds| seconds.parse().ok());
-        let Some(bytes) = self
-            .read_document(&manifest_digest)
-            .await
-            .map_err(containerd_err)?
-        else {
-            return Ok(None);
-        };
-        let Ok(Parsed::Manifest(manifest)) = manifest::parse(&bytes) else {
-            return Ok(None);
-        };
-        let Some(config_bytes) = self
-            .read_document(&manifest.config.digest)
-            .await
-            .map_err(containerd_err)?
-        else {
-            return Ok(None);
-        };
-        let Ok(config) =
-            serde_json::from_slice::<oci_spec::image::ImageConfiguration>(&config_bytes)
-        else {
-            return Ok(None);
-        };
-        let diff_ids: Vec<&str> = config
-            .rootfs()
-            .diff_ids()
-            .iter()
-            .map(String::as_str)
-            .collect();
-        let Some(top_chain_id) = berth_runtime::containerd::chain_ids(&diff_ids).pop() else {
-            return Ok(None);
-        };
-        if !self
-            .containerd
-            .snapshot_exists(&top_chain_id)
-            .await
-            .map_err(containerd_err)?
-        {
-            return Ok(None);
-        }
-        Ok(Some(PulledImage {
-            name: image.name(),
-            manifest_digest,
-            config,
-            top_chain_id,
-            private,
-            last_used,
-            index_digest,
-        }))
-    }
-
-    async fn read_document(&self, digest: &str) -> Result<Option<Vec<u8>>, ContainerdError> {
-        match self.containerd.read_blob(digest, MAX_DOCUMENT).await {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(err) if err.is_not_found() => Ok(None),
-            Err(err) => Err(err),
-        }
-    }
-
-    /// Whether a `[[policy]]` demands a signature on `image` for `project`.
-    pub fn signature_required(&self, image: &ImageRef, project: &str) -> bool {
-        self.signatures.required(image, project).is_some()
-    }
-
-    /// Whether starting the cached `pulled` for `project` needs a signature verified now: a
-    /// policy demands one and no positive result for it is remembered.
-    pub fn signature_check_due(
-        &self,
-        image: &ImageRef,
-        project: &str,
-        pulled: &PulledImage,
-    ) -> bool {
-        self.signatures
-            .required(image, project)
-            .is_some_and(|(policy, keys)| {
-                !self
-                    .signatures
-                    .recently_verified(&policy, &keys, &pulled.manifest_digest)
-            })
-    }
-
-    /// Verifies the cached `pulled`'s signature against the policy in force now, fetched from
-    /// the registry with `auth` (the order's credential).
-    pub async fn check_cached_signature(
-        &self,
-        image: &ImageRef,
-        project: &str,
-        pulled: &PulledImage,
-        auth: RegistryAuth,
-        secret_id: Option<&str>,
-    ) -> Result<SignatureStatus, PullError> {
-        let work = async {
-            let attempts = self.settings.retries;
-            let session = self.open_session(image, &auth, secret_id).await?;
-            self.signatures
-                .check(
-                    &session,
-                    image,
-                    project,
-                    Subject {
-                        manifest_digest: &pulled.manifest_digest,
-                        index_digest: pulled.index_digest.as_deref(),
-                    },
-                    attempts,
-                )
-                .await
-        };
-        tokio::time::timeout(
-            self.settings.read_timeout + self.settings.connect_timeout,
-            work,
-        )
-        .await
-        .map_err(|_| PullError::Deadline {
-            image: image.to_string(),
-        })?
-    }
-
-    /// Whether the registry, now, lets `auth` read `image`'s manifest. Used before a cached
-    /// private image starts for an order.
-    pub async fn check_access(
-        &self,
-        image: &ImageRef,
-        auth: RegistryAuth,
-        secret_id: Option<&str>,
-    ) -> Result<(), PullError> {
-        let work = async {
-            let attempts = self.settings.retries;
-            let session = self.open_session(image, &auth, secret_id).await?;
-            retry(attempts, || session.manifest(image.reference()))
-                .await
-                .map(|_| ())
-        };
-        tokio::time::timeout(
-            self.settings.read_timeout + self.settings.connect_timeout,
-            work,
-        )
-        .await
-        .map_err(|_| PullError::Deadline {
-            image: image.to_string(),
-        })?
-    }
 }
