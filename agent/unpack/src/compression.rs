@@ -51,7 +51,8 @@ impl fmt::Display for Compression {
 /// The uncompressed view of a layer stream.
 pub(crate) enum Decoder<R: Read> {
     Plain(R),
-    Gzip(MultiGzDecoder<R>),
+    // Boxed: its inflate state is large, and the decoder is made once.
+    Gzip(Box<MultiGzDecoder<R>>),
     Zstd(zstd::stream::read::Decoder<'static, BufReader<R>>),
 }
 
@@ -59,7 +60,7 @@ impl<R: Read> Decoder<R> {
     pub(crate) fn new(compression: Compression, compressed: R) -> io::Result<Self> {
         Ok(match compression {
             Compression::None => Self::Plain(compressed),
-            Compression::Gzip => Self::Gzip(MultiGzDecoder::new(compressed)),
+            Compression::Gzip => Self::Gzip(Box::new(MultiGzDecoder::new(compressed))),
             Compression::Zstd => Self::Zstd(zstd::stream::read::Decoder::new(compressed)?),
         })
     }
@@ -69,7 +70,7 @@ impl<R: Read> Decoder<R> {
     pub(crate) fn into_inner(self) -> R {
         match self {
             Self::Plain(reader) => reader,
-            Self::Gzip(decoder) => decoder.into_inner(),
+            Self::Gzip(decoder) => (*decoder).into_inner(),
             Self::Zstd(decoder) => decoder.finish().into_inner(),
         }
     }

@@ -259,7 +259,7 @@ pub(crate) fn create(
         Kind::Regular { sparse } => write_regular(place, header, data, buffer, *sparse),
         Kind::Directory => Ok(make_directory(place, header, keep_directory)?),
         Kind::Symlink { target } => Ok(make_symlink(place, header, target)?),
-        Kind::Hardlink { target } => Ok(make_hardlink(place, header, target)?),
+        Kind::Hardlink { target } => Ok(make_hardlink(place, target)?),
         Kind::CharDevice { major, minor } => Ok(make_node(
             place,
             header,
@@ -369,7 +369,7 @@ fn make_symlink(place: &Placement<'_>, header: &Header, target: &[u8]) -> Result
         AtFlags::SYMLINK_NOFOLLOW,
     )
     .map_err(failed)?;
-    set_xattrs_at(place, header, true)?;
+    set_xattrs_at(place, header)?;
     utimensat(
         place.parent,
         place.name(),
@@ -380,7 +380,10 @@ fn make_symlink(place: &Placement<'_>, header: &Header, target: &[u8]) -> Result
     Ok(())
 }
 
-fn make_hardlink(place: &Placement<'_>, header: &Header, target: &[u8]) -> Result<(), ApplyError> {
+/// A hardlink shares the target's inode, whose metadata its own entry set.
+/// containerd also lchowns the link, which on Linux clears the setuid bit
+/// and file capabilities of the shared inode; this keeps them.
+fn make_hardlink(place: &Placement<'_>, target: &[u8]) -> Result<(), ApplyError> {
     let refused = |source: Option<io::Error>| ApplyError::HardlinkTarget {
         path: place.path.display(),
         target: String::from_utf8_lossy(target).into_owned(),
@@ -406,14 +409,6 @@ fn make_hardlink(place: &Placement<'_>, header: &Header, target: &[u8]) -> Resul
         place.parent,
         place.name(),
         AtFlags::empty(),
-    )
-    .map_err(|err| place.failed(err.into()))?;
-    chownat(
-        place.parent,
-        place.name(),
-        Some(header.uid),
-        Some(header.gid),
-        AtFlags::SYMLINK_NOFOLLOW,
     )
     .map_err(|err| place.failed(err.into()))?;
     Ok(())
@@ -442,7 +437,7 @@ fn make_node(
         AtFlags::SYMLINK_NOFOLLOW,
     )
     .map_err(failed)?;
-    set_xattrs_at(place, header, false)?;
+    set_xattrs_at(place, header)?;
     // The node was just made by mknodat, so it is not a symlink.
     chmodat(
         place.parent,
@@ -464,7 +459,7 @@ fn make_node(
 /// Sets xattrs on an entry that cannot be opened safely (a symlink, a
 /// device, a fifo) through `/proc/self/fd/<parent>/<name>` with `lsetxattr`,
 /// which does not follow the last component.
-fn set_xattrs_at(place: &Placement<'_>, header: &Header, symlink: bool) -> Result<(), ApplyError> {
+fn set_xattrs_at(place: &Placement<'_>, header: &Header) -> Result<(), ApplyError> {
     if header.xattrs.is_empty() {
         return Ok(());
     }
@@ -476,7 +471,7 @@ fn set_xattrs_at(place: &Placement<'_>, header: &Header, symlink: bool) -> Resul
     for (name, value) in &header.xattrs {
         skip_unsupported(
             lsetxattr(&path, OsStr::from_bytes(name), value, XattrFlags::empty()),
-            symlink,
+            true,
         )
         .map_err(|err| place.failed(err))?;
     }
@@ -484,11 +479,11 @@ fn set_xattrs_at(place: &Placement<'_>, header: &Header, symlink: bool) -> Resul
 }
 
 /// containerd logs and skips xattrs the filesystem does not support; on a
-/// symlink the kernel also refuses `user.*` with `EPERM`.
-fn skip_unsupported(result: Result<(), Errno>, symlink: bool) -> io::Result<()> {
+/// symlink, device or fifo the kernel also refuses `user.*` with `EPERM`.
+fn skip_unsupported(result: Result<(), Errno>, special: bool) -> io::Result<()> {
     match result {
         Ok(()) | Err(Errno::NOTSUP) => Ok(()),
-        Err(Errno::PERM) if symlink => Ok(()),
+        Err(Errno::PERM) if special => Ok(()),
         Err(err) => Err(err.into()),
     }
 }

@@ -28,3 +28,6 @@ pub mod error;
 mod resolve;
 pub mod verify;
 mod whiteout;
+
+#[cfg(test)]
+mod tests;

@@ -12,15 +12,21 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use rustix::fd::OwnedFd;
 use rustix::fs::{
-    fchmod, fchown, fstat, futimens, mkdirat, openat, openat2, statat, unlinkat, AtFlags, Dir,
-    FileType, Mode, OFlags, ResolveFlags, Stat, Timestamps,
+    fchmod, fchown, fstat, futimens, mkdirat, openat, openat2, readlinkat, statat, unlinkat,
+    AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, Stat, Timestamps, CWD,
 };
 use rustix::fs::{Gid, Uid};
 use rustix::io::Errno;
+
+/// How many dangling symlinks one missing parent may pass through, as the
+/// kernel's own limit on symlinks in one lookup.
+const MAX_DANGLING_SYMLINKS: usize = 40;
 
 /// How many times `openat2` is retried when the kernel saw a concurrent
 /// rename and returned `EAGAIN`.
@@ -45,6 +51,27 @@ pub(crate) enum Normalized {
     Escapes,
     /// A NUL byte in the name.
     Invalid,
+}
+
+/// Normalizes a path the way a lookup from `/` sees it: `..` at the top
+/// stays at the top.
+fn clamp_to_root(raw: &[u8]) -> Vec<u8> {
+    let mut components: Vec<&[u8]> = Vec::new();
+    for component in raw.split(|byte| *byte == b'/') {
+        match component {
+            b"" | b"." => {}
+            b".." => {
+                components.pop();
+            }
+            name => components.push(name),
+        }
+    }
+    components.join(&b'/')
+}
+
+enum Walk {
+    Opened(OwnedFd),
+    Redirected(Vec<u8>),
 }
 
 /// Normalizes a tar entry name like containerd does (`filepath.Clean`, then
@@ -95,24 +122,24 @@ impl EntryPath {
 /// lower directories whose metadata a missing parent copies.
 #[derive(Debug)]
 pub(crate) struct Root {
-    fd: rustix::fd::OwnedFd,
-    lowers: Vec<rustix::fd::OwnedFd>,
+    fd: OwnedFd,
+    lowers: Vec<OwnedFd>,
 }
 
 impl Root {
     pub(crate) fn open(root: &Path, lowers: &[std::path::PathBuf]) -> io::Result<Self> {
         let directory = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let fd = openat(rustix::fs::CWD, root, directory, Mode::empty())?;
+        let fd = openat(CWD, root, directory, Mode::empty())?;
         let lowers = lowers
             .iter()
-            .map(|lower| openat(rustix::fs::CWD, lower, directory, Mode::empty()))
+            .map(|lower| openat(CWD, lower, directory, Mode::empty()))
             .collect::<Result<_, _>>()?;
         Ok(Self { fd, lowers })
     }
 
     /// Opens the directory at `path` (relative, normalized) inside the root,
     /// following symlinks as if the root were `/`.
-    pub(crate) fn open_dir(&self, path: &[u8]) -> io::Result<rustix::fd::OwnedFd> {
+    pub(crate) fn open_dir(&self, path: &[u8]) -> io::Result<OwnedFd> {
         open_in_root(
             &self.fd,
             path,
@@ -123,7 +150,7 @@ impl Root {
     /// Opens the parent directory of `entry`, creating missing directories
     /// on the way like containerd's `mkparent`: 0755, or the mode, owner and
     /// times of the topmost lower directory at that path.
-    pub(crate) fn parent_of(&self, entry: &EntryPath) -> io::Result<rustix::fd::OwnedFd> {
+    pub(crate) fn parent_of(&self, entry: &EntryPath) -> io::Result<OwnedFd> {
         match self.open_dir(entry.parent()) {
             Err(err) if err.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => {
                 self.make_parents(entry.parent())
@@ -132,13 +159,27 @@ impl Root {
         }
     }
 
-    fn make_parents(&self, parent: &[u8]) -> io::Result<rustix::fd::OwnedFd> {
+    /// Creates the missing directories of `parent`. A component that
+    /// exists but cannot be opened is a dangling symlink: like containerd's
+    /// `fs.RootPath`, its target (taken inside the root) is created instead.
+    fn make_parents(&self, parent: &[u8]) -> io::Result<OwnedFd> {
+        let mut path = parent.to_vec();
+        for _ in 0..MAX_DANGLING_SYMLINKS {
+            match self.walk_creating(&path)? {
+                Walk::Opened(fd) => return Ok(fd),
+                Walk::Redirected(redirected) => path = redirected,
+            }
+        }
+        Err(Errno::LOOP.into())
+    }
+
+    fn walk_creating(&self, path: &[u8]) -> io::Result<Walk> {
         let mut current = self.open_dir(b"")?;
         let mut missing = false;
         let mut end = 0;
-        for component in parent.split(|byte| *byte == b'/') {
+        for component in path.split(|byte| *byte == b'/') {
             end += component.len();
-            let prefix = &parent[..end];
+            let prefix = &path[..end];
             end += 1;
             if !missing {
                 match self.open_dir(prefix) {
@@ -153,7 +194,14 @@ impl Root {
                 }
             }
             let name = OsStr::from_bytes(component);
-            mkdirat(&current, name, Mode::from_raw_mode(0o755))?;
+            match mkdirat(&current, name, Mode::from_raw_mode(0o755)) {
+                Ok(()) => {}
+                Err(Errno::EXIST) => {
+                    let rest = path.get(end..).unwrap_or_default();
+                    return self.redirect(&current, name, rest).map(Walk::Redirected);
+                }
+                Err(err) => return Err(err.into()),
+            }
             let created = openat(
                 &current,
                 name,
@@ -163,10 +211,37 @@ impl Root {
             self.copy_lower_metadata(prefix, &created)?;
             current = created;
         }
-        Ok(current)
+        Ok(Walk::Opened(current))
     }
 
-    fn copy_lower_metadata(&self, prefix: &[u8], created: &rustix::fd::OwnedFd) -> io::Result<()> {
+    /// The path to create instead of `directory/name/rest` when `name` is a
+    /// dangling symlink: its target, taken inside the root.
+    fn redirect(&self, directory: &OwnedFd, name: &OsStr, rest: &[u8]) -> io::Result<Vec<u8>> {
+        let target = readlinkat(directory, name, Vec::new())?.into_bytes();
+        let mut redirected = if target.starts_with(b"/") {
+            Vec::new()
+        } else {
+            self.path_in_root(directory)?
+        };
+        redirected.push(b'/');
+        redirected.extend_from_slice(&target);
+        redirected.push(b'/');
+        redirected.extend_from_slice(rest);
+        Ok(clamp_to_root(&redirected))
+    }
+
+    /// Where an fd inside the root is, relative to the root, from procfs.
+    fn path_in_root(&self, directory: &OwnedFd) -> io::Result<Vec<u8>> {
+        let proc_path = |fd: &OwnedFd| format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+        let root = readlinkat(CWD, proc_path(&self.fd), Vec::new())?.into_bytes();
+        let inside = readlinkat(CWD, proc_path(directory), Vec::new())?.into_bytes();
+        match inside.strip_prefix(root.as_slice()) {
+            Some(relative) => Ok(relative.to_vec()),
+            None => Err(Errno::XDEV.into()),
+        }
+    }
+
+    fn copy_lower_metadata(&self, prefix: &[u8], created: &OwnedFd) -> io::Result<()> {
         for lower in &self.lowers {
             let found = match open_in_root(lower, prefix, OFlags::PATH | OFlags::CLOEXEC) {
                 Ok(found) => found,
@@ -201,11 +276,7 @@ impl Root {
     }
 }
 
-fn open_in_root(
-    root: &rustix::fd::OwnedFd,
-    path: &[u8],
-    flags: OFlags,
-) -> io::Result<rustix::fd::OwnedFd> {
+fn open_in_root(root: &OwnedFd, path: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
     let path = if path.is_empty() { &b"."[..] } else { path };
     let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
     let mut attempts = 0;
@@ -218,7 +289,7 @@ fn open_in_root(
 }
 
 /// `lstat` of `name` in `parent`; `None` when it does not exist.
-pub(crate) fn lstat_at(parent: &rustix::fd::OwnedFd, name: &OsStr) -> io::Result<Option<Stat>> {
+pub(crate) fn lstat_at(parent: &OwnedFd, name: &OsStr) -> io::Result<Option<Stat>> {
     match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(stat) => Ok(Some(stat)),
         Err(Errno::NOENT) => Ok(None),
@@ -232,7 +303,7 @@ pub(crate) fn is_dir(stat: &Stat) -> bool {
 
 /// Removes `name` in `parent`, recursively when it is a directory; never
 /// follows a symlink (a symlink is removed, not its target).
-pub(crate) fn remove_all_at(parent: &rustix::fd::OwnedFd, name: &OsStr) -> io::Result<()> {
+pub(crate) fn remove_all_at(parent: &OwnedFd, name: &OsStr) -> io::Result<()> {
     match unlinkat(parent, name, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => return Ok(()),
         Err(Errno::ISDIR) => {}
@@ -254,7 +325,7 @@ pub(crate) fn remove_all_at(parent: &rustix::fd::OwnedFd, name: &OsStr) -> io::R
 }
 
 /// The names in a directory, without `.` and `..`, read before any change.
-pub(crate) fn child_names(directory: &rustix::fd::OwnedFd) -> io::Result<Vec<CString>> {
+pub(crate) fn child_names(directory: &OwnedFd) -> io::Result<Vec<CString>> {
     let mut names = Vec::new();
     let mut reader = Dir::read_from(directory)?;
     while let Some(entry) = reader.read() {
