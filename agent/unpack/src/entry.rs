@@ -122,10 +122,11 @@ pub(crate) fn read_header<R: Read>(
             ))
         })
     };
-    let mode = tar_header.mode().map_err(header_error)? & 0o7777;
-    let uid = Uid::from_raw(id(tar_header.uid())?);
-    let gid = Gid::from_raw(id(tar_header.gid())?);
-    let header_mtime = tar_header.mtime().map_err(header_error)?;
+    let raw = tar_header.as_old();
+    let mode = lenient(tar_header.mode(), &raw.mode).map_err(header_error)? & 0o7777;
+    let uid = Uid::from_raw(id(lenient(tar_header.uid(), &raw.uid))?);
+    let gid = Gid::from_raw(id(lenient(tar_header.gid(), &raw.gid))?);
+    let header_mtime = lenient(tar_header.mtime(), &raw.mtime).map_err(header_error)?;
     let mut mtime = Timespec {
         tv_sec: i64::try_from(header_mtime).unwrap_or(i64::MAX),
         tv_nsec: 0,
@@ -164,6 +165,15 @@ pub(crate) fn read_header<R: Read>(
         },
         xattrs,
     }))
+}
+
+/// An empty numeric field (all NULs or spaces) reads as 0, as Go's
+/// archive/tar, which containerd uses, reads it; the tar crate refuses it.
+fn lenient<T: Default>(parsed: io::Result<T>, field: &[u8]) -> io::Result<T> {
+    match parsed {
+        Err(_) if field.iter().all(|byte| *byte == 0 || *byte == b' ') => Ok(T::default()),
+        other => other,
+    }
 }
 
 /// A PAX time: decimal seconds, optionally negative, with a fraction.
@@ -508,6 +518,15 @@ pub(crate) fn set_directory_times(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_numeric_fields_read_as_zero() {
+        let parsed: io::Result<u64> = Err(io::Error::other("not a number"));
+        assert_eq!(lenient(parsed, &[0u8; 8]).unwrap(), 0);
+        let parsed: io::Result<u64> = Err(io::Error::other("not a number"));
+        lenient(parsed, b"12x4567\0").unwrap_err();
+        assert_eq!(lenient(Ok(7u64), b"0000007\0").unwrap(), 7);
+    }
 
     #[test]
     fn pax_times() {
