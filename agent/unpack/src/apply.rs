@@ -3,7 +3,7 @@
 //! The reader chain is
 //! `tar::Archive<DiffReader<Decoder<VerifyingReader<input>>>>`: the tar crate
 //! only parses (its `unpack` is never called); every entry is written by
-//! [`crate::entry`] relative to a parent resolved inside the root. After
+//! `entry` relative to a parent resolved inside the root. After
 //! the tar's end block the rest of both streams is read, so the digests
 //! cover the whole blob and the whole tar.
 

@@ -1,5 +1,5 @@
 //! Readers that check a layer while it streams: [`VerifyingReader`] on the
-//! compressed blob (descriptor digest and size) and [`DiffReader`] on the
+//! compressed blob (descriptor digest and size) and `DiffReader` on the
 //! uncompressed tar (diff id and the uncompressed-size limit).
 //!
 //! Both keep what went wrong in their state, because the tar parser and the
