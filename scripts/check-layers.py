@@ -173,6 +173,8 @@ def edges_of(modules):
             continue
         with open(path, encoding="utf-8") as handle:
             text = strip_tests(handle.read())
+        # Comments (doc links included) are not imports.
+        text = re.sub(r"//[^\n]*", "", text)
         targets = set()
         paths = []
         for match in GROUP_RE.finditer(text):
