@@ -72,6 +72,12 @@ FORBIDDEN_MODULE_IMPORTS = [
     ("berth-registry", "auth", "pull"),
 ]
 
+# (crate, module prefix, crate name): a module that may not use another crate at all. The
+# puller carries an order's secret only as auth's sealed `OrderCredential`.
+FORBIDDEN_CRATE_USES = [
+    ("berth-registry", "pull", "berth_secrets"),
+]
+
 PATH_RE = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)+)")
 GROUP_RE = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)*)::\{([^;]*?)\}", re.S)
 
@@ -166,6 +172,9 @@ def resolve(modules, current, kind, segments):
     return None
 
 
+uses = {}
+
+
 def edges_of(modules):
     edges = {}
     for module, path in modules.items():
@@ -196,6 +205,7 @@ def edges_of(modules):
                 continue
             targets.add(target)
         edges[module] = targets
+        uses[module] = set(re.findall(r"\b(berth_[a-z]+)::", text))
     return edges
 
 
@@ -268,6 +278,12 @@ def check_modules(meta, errors, show_graph):
                             f"crate {crate}: module {name(source)} imports {name(target)} "
                             f"({low} is a lower stage than {high})"
                         )
+        for module, crates in sorted(uses.items()):
+            if modules.get(module, "").startswith(src_dir):
+                for rule_crate, prefix, used in FORBIDDEN_CRATE_USES:
+                    if rule_crate == crate and module[:1] == (prefix,) and used in crates:
+                        errors.append(f"crate {crate}: module {name(module)} uses {used}")
+        uses.clear()
         if show_graph:
             for source, targets in sorted(edges.items()):
                 if targets:

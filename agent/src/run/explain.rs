@@ -9,6 +9,7 @@ use super::image::access_key;
 use super::{audit_subject, RunError, Runner};
 use crate::audit::AuditAction;
 use berth_core::order::ImageRef;
+use berth_registry::auth::OrderCredential;
 use berth_registry::pull::{PullError, PulledImage};
 use berth_secrets::StoredSecret;
 
@@ -54,7 +55,7 @@ impl Runner {
         let secret_id = secret.map(|secret| secret.meta.id.to_string());
         let mirrored = self
             .puller
-            .explain_mirrors(image, project, secret)
+            .explain_mirrors(image, project, OrderCredential::new(secret))
             .await
             .map_err(RunError::from);
         let resolution = match mirrored {

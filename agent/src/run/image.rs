@@ -13,6 +13,7 @@ use tracing::{info, instrument};
 
 use crate::audit::{AuditAction, AuditSubject};
 use berth_core::order::{ImageRef, Order, PullPolicy};
+use berth_registry::auth::OrderCredential;
 use berth_registry::pull::{PullError, PullProgress, PulledImage};
 use berth_secrets::{SecretId, StoredSecret};
 
@@ -45,7 +46,7 @@ impl Runner {
             .pull_mirrors_first(
                 image,
                 project,
-                secret.as_ref(),
+                OrderCredential::new(secret.as_ref()),
                 Some(progress.clone()),
                 || async {
                     let pulled = self
@@ -129,25 +130,31 @@ impl Runner {
         // Mirrors first ([[registry.mirror]]); the registry itself only when none serves it.
         let result = self
             .puller
-            .pull_mirrors_first(image_ref, &order.project, secret, None, || async {
-                let image = self
-                    .with_grant(&subject, secret, image_ref, |auth| {
-                        self.puller.pull(
-                            image_ref,
-                            &order.project,
-                            auth,
-                            secret_id.as_deref(),
-                            None,
-                        )
-                    })
-                    .await?;
-                // The registry itself just served this image for this credential: orders
-                // that queued behind this pull need not ask it again.
-                if let Some(key) = access_key(&order.project, image_ref, secret, &image) {
-                    self.access_checks.passed(key);
-                }
-                Ok::<_, RunError>(image)
-            })
+            .pull_mirrors_first(
+                image_ref,
+                &order.project,
+                OrderCredential::new(secret),
+                None,
+                || async {
+                    let image = self
+                        .with_grant(&subject, secret, image_ref, |auth| {
+                            self.puller.pull(
+                                image_ref,
+                                &order.project,
+                                auth,
+                                secret_id.as_deref(),
+                                None,
+                            )
+                        })
+                        .await?;
+                    // The registry itself just served this image for this credential: orders
+                    // that queued behind this pull need not ask it again.
+                    if let Some(key) = access_key(&order.project, image_ref, secret, &image) {
+                        self.access_checks.passed(key);
+                    }
+                    Ok::<_, RunError>(image)
+                },
+            )
             .await;
         self.audit_pull(&subject, image_ref, &result);
         Ok((result?, guard.downgrade()))

@@ -9,6 +9,7 @@
 
 pub mod challenge;
 mod google;
+mod order_credential;
 mod realm;
 mod token;
 
@@ -24,6 +25,7 @@ use tracing::{debug, instrument};
 use berth_core::metrics::{RegistryLabels, SharedMetrics};
 use berth_core::order::ImageRef;
 use berth_secrets::{gar_key, Credential, SecretKind, StoredSecret};
+pub use order_credential::OrderCredential;
 use token::{Endpoint, Token};
 
 /// The username that marks the password as an OAuth2 refresh token (ACR; Docker identity tokens).

@@ -5,12 +5,12 @@
 
 use oci_client::secrets::RegistryAuth;
 
-use super::mirror::{falls_back, mirror_credential};
+use super::mirror::falls_back;
 use super::registry::Session;
 use super::signature::Subject;
 use super::{resolve_manifest, retry, PullError, Puller};
+use crate::auth::OrderCredential;
 use berth_core::order::ImageRef;
-use berth_secrets::StoredSecret;
 
 /// Where and what a pull would resolve to.
 #[derive(Debug, Clone)]
@@ -36,23 +36,13 @@ impl Puller {
         &self,
         image: &ImageRef,
         project: &str,
-        secret: Option<&StoredSecret>,
+        credential: OrderCredential<'_>,
     ) -> Result<Option<Resolution>, PullError> {
-        if secret.is_some_and(|secret| secret.meta.server != image.registry()) {
+        if !credential.fits(image.registry()) {
             return Ok(None);
         }
         for mirror in self.mirrors_for(image) {
-            let auth = if mirror.credentials {
-                mirror_credential(secret)
-            } else {
-                RegistryAuth::Anonymous
-            };
-            let secret_id = match auth {
-                RegistryAuth::Anonymous => None,
-                RegistryAuth::Basic(..) | RegistryAuth::Bearer(_) => {
-                    secret.map(|secret| secret.meta.id.to_string())
-                }
-            };
+            let (auth, secret_id) = credential.for_mirror(mirror.credentials);
             let attempt = async {
                 let session = Session::open_mirror(
                     &self.http,

@@ -33,32 +33,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use oci_client::secrets::RegistryAuth;
-use secrecy::ExposeSecret as _;
 use tokio::sync::mpsc;
 use tracing::{debug, info, instrument, warn};
 
 use super::registry::Session;
 use super::{InFlight, Privacy, PullError, PullProgress, PulledImage, Puller, UncountedPull};
-use crate::auth::REFRESH_TOKEN_USERNAME;
+use crate::auth::OrderCredential;
 use berth_core::host::Mirror;
 use berth_core::metrics::MirrorLabels;
 use berth_core::metrics::PullLabels;
 use berth_core::order::ImageRef;
-use berth_secrets::{Credential, SecretKind, StoredSecret};
-
-/// What a `credentials = true` mirror is given for `secret`: its username and password, when it
-/// holds such a pair (Docker, ACR service principal); anonymous otherwise.
-pub(super) fn mirror_credential(secret: Option<&StoredSecret>) -> RegistryAuth {
-    match secret.map(|secret| (secret.meta.kind, &secret.credential)) {
-        Some((
-            SecretKind::Docker | SecretKind::Acr,
-            Credential::UsernamePassword { username, password },
-        )) if username != REFRESH_TOKEN_USERNAME => {
-            RegistryAuth::Basic(username.clone(), password.expose_secret().to_owned())
-        }
-        Some(_) | None => RegistryAuth::Anonymous,
-    }
-}
 
 /// Whether a mirror's failure sends the pull on to the next source.
 pub(super) fn falls_back(err: &PullError) -> bool {
@@ -114,7 +98,7 @@ impl Puller {
         &self,
         image: &ImageRef,
         project: &str,
-        secret: Option<&StoredSecret>,
+        credential: OrderCredential<'_>,
         progress: Option<mpsc::Sender<PullProgress>>,
         upstream: F,
     ) -> Result<PulledImage, E>
@@ -138,8 +122,7 @@ impl Puller {
         };
         let mirrors = self.mirrors_for(image);
         // A secret for another server never reaches a mirror; the upstream path refuses it.
-        let foreign_secret = secret.is_some_and(|secret| secret.meta.server != image.registry());
-        if mirrors.is_empty() || foreign_secret {
+        if mirrors.is_empty() || !credential.fits(image.registry()) {
             return upstream().await;
         }
         let started = tokio::time::Instant::now();
@@ -150,7 +133,7 @@ impl Puller {
         let in_flight = InFlight::count(&self.metrics);
         let outcome = tokio::time::timeout_at(
             deadline,
-            self.try_mirrors(image, project, &mirrors, secret, progress),
+            self.try_mirrors(image, project, &mirrors, credential, progress),
         )
         .await
         .map_err(|_| deadline_err())
@@ -188,26 +171,16 @@ impl Puller {
         image: &ImageRef,
         project: &str,
         mirrors: &[&Mirror],
-        secret: Option<&StoredSecret>,
+        credential: OrderCredential<'_>,
         progress: Option<mpsc::Sender<PullProgress>>,
     ) -> Result<Option<PulledImage>, PullError> {
-        let privacy = if secret.is_some() {
+        let privacy = if credential.is_some() {
             Privacy::Known(true)
         } else {
             Privacy::AskUpstream
         };
         for mirror in mirrors {
-            let auth = if mirror.credentials {
-                mirror_credential(secret)
-            } else {
-                RegistryAuth::Anonymous
-            };
-            let secret_id = match auth {
-                RegistryAuth::Anonymous => None,
-                RegistryAuth::Basic(..) | RegistryAuth::Bearer(_) => {
-                    secret.map(|secret| secret.meta.id.to_string())
-                }
-            };
+            let (auth, secret_id) = credential.for_mirror(mirror.credentials);
             let attempt = async {
                 let session = Session::open_mirror(
                     &self.http,
@@ -299,33 +272,5 @@ mod tests {
             source: "down".into(),
         }));
         assert!(!falls_back(&PullError::Deadline { image: image() }));
-    }
-
-    #[test]
-    fn mirrors_get_a_username_and_password_or_nothing() {
-        use berth_secrets::{SecretId, SecretMeta};
-        let secret = |kind, username: &str| StoredSecret {
-            meta: SecretMeta {
-                id: SecretId::parse("secret-abc").unwrap(),
-                project: "default".into(),
-                name: "n".into(),
-                kind,
-                server: "r.example".into(),
-                created_at: std::time::SystemTime::UNIX_EPOCH,
-            },
-            credential: Credential::UsernamePassword {
-                username: username.to_owned(),
-                password: "zzpasszz".into(),
-            },
-        };
-        assert!(matches!(
-            mirror_credential(Some(&secret(SecretKind::Docker, "u"))),
-            RegistryAuth::Basic(user, password) if user == "u" && password == "zzpasszz"
-        ));
-        assert!(matches!(
-            mirror_credential(Some(&secret(SecretKind::Acr, REFRESH_TOKEN_USERNAME))),
-            RegistryAuth::Anonymous
-        ));
-        assert!(matches!(mirror_credential(None), RegistryAuth::Anonymous));
     }
 }
