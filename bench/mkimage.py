@@ -10,7 +10,12 @@ gzip level 0 (stored deflate blocks) is the default: random bytes do not compres
 level, zlib level 1 only makes generation ~10x slower here, and the blob is still a real gzip
 stream that both pullers must inflate and CRC-check. --gzip-level 1..9 is available.
 
-Usage: mkimage.py OUT_DIR --layers N --layer-mib M [--gzip-level L] [--busybox PATH]
+With --dirs A,B,...: the layers are instead tars of those directories of this machine (one
+layer per directory, as `tar -C / -c A`), a realistic compressible image (shared libraries,
+headers, Python): use with --gzip-level 6, what `docker build` and most registries' images use.
+
+Usage: mkimage.py OUT_DIR (--layers N --layer-mib M | --dirs A,B,...) [--gzip-level L]
+                  [--busybox PATH]
 Prints one JSON line: {"manifest": digest, "blobs": [{"digest", "size"}...] (config first)}.
 """
 
@@ -102,6 +107,19 @@ def random_layer(blobs_dir, level, index, mib):
     return writer.finish()
 
 
+def dir_layer(blobs_dir, level, path):
+    """A tar of `path` (absolute) as it is on this machine, names relative to /, sorted."""
+    writer = BlobWriter(blobs_dir, level)
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            archive.add(root, arcname=os.path.relpath(root, "/"), recursive=False)
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                archive.add(full, arcname=os.path.relpath(full, "/"), recursive=False)
+    return writer.finish()
+
+
 def put_json(blobs_dir, document):
     data = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -113,8 +131,9 @@ def put_json(blobs_dir, document):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--layers", type=int, required=True)
-    parser.add_argument("--layer-mib", type=int, required=True)
+    parser.add_argument("--layers", type=int, default=0)
+    parser.add_argument("--layer-mib", type=int, default=0)
+    parser.add_argument("--dirs", default="")
     parser.add_argument("--gzip-level", type=int, default=0)
     parser.add_argument("--busybox", default="/bin/busybox")
     args = parser.parse_args()
@@ -127,6 +146,8 @@ def main():
     layers = [busybox_layer(blobs_dir, args.gzip_level, args.busybox)]
     for index in range(args.layers):
         layers.append(random_layer(blobs_dir, args.gzip_level, index, args.layer_mib))
+    for path in filter(None, args.dirs.split(",")):
+        layers.append(dir_layer(blobs_dir, args.gzip_level, path))
 
     config = {
         "architecture": "amd64",

@@ -73,7 +73,7 @@ def main():
         print(f"  load (1 min) at the measurements: median {med(loads):.2f}, max {max(loads):.2f}")
 
     images = sorted({image for (scenario, image, _, _) in raw if scenario == "cold"},
-                    key=["medium", "small", "many"].index)
+                    key=lambda image: (["medium", "real", "small", "many"] + [image]).index(image))
     if images:
         print("\ncold pull + unpack (fresh containerd each; wall time, medians)")
         print(f"  {'image':8} {'berth':>9} {'ctr':>9} {'berth/ctr':>10} {'pairwise':>9} "
@@ -94,10 +94,13 @@ def main():
               f"{fmt(med(floor_seq.values())):>10} {fmt(med(floor_par.values())):>9} "
               f"{fmt(ratio(med(berth.values()), med(floor_par.values())), ''):>9} "
               f"{fmt(throughput, '', 1):>12}")
-        if image == "medium" and berth and ctr:
-            targets.append(("cold pull+unpack medium: berth/ctr <= 0.8",
+        if image in ("medium", "real") and berth and ctr:
+            # containerd 2.x pulls in the daemon (Transfer service): berth must beat it by
+            # 20 %; the end-of-life 1.6 by 40 %.
+            bound = 0.6 if machine.get("containerd", "").lstrip("v").startswith("1.6") else 0.8
+            targets.append((f"cold pull+unpack {image}: berth/ctr <= {bound}",
                             f"{ratio(med(berth.values()), med(ctr.values())):.2f}",
-                            ratio(med(berth.values()), med(ctr.values())) <= 0.8))
+                            ratio(med(berth.values()), med(ctr.values())) <= bound))
     for image in images:
         berth = get("cold", image, "berth", "seconds")
         ctr = get("cold", image, "ctr", "seconds")

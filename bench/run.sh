@@ -20,7 +20,10 @@
 #
 # What it does (needs root, Debian 12, the packages of scripts/provision.sh, python3):
 #   1. cargo build --release --bins
-#   2. writes OCI layouts of random, incompressible layers (bench/mkimage.py), cached in the
+#   2. writes OCI layouts (bench/mkimage.py), cached in the work dir: random, incompressible
+#      layers, and `real`, tars of /usr/lib/gcc, /usr/include and /usr/lib/python3.11 of this
+#      machine at gzip -6 (about 300 MiB uncompressed, a realistic compressible image); the
+#      random ones are
 #      work dir, each image = a busybox layer + N random layers:
 #        full:  small 1x8 MiB, medium 4x64 MiB, many 16x16 MiB, large 16x64 MiB (1 GiB),
 #               biglayer 2x512 MiB (1 GiB in two layers)
@@ -58,7 +61,9 @@ export PATH
 mode=full
 pairs=""
 only="cold,warm,concurrent,rss"
-cold_images="medium,small,many"
+cold_images="medium,real,small,many"
+# The realistic image: real files of this machine, gzip -6 (about 300 MiB uncompressed).
+REAL_DIRS="/usr/lib/gcc,/usr/include,/usr/lib/python3.11"
 max_downloads=""
 work_dir=/var/tmp/berth-bench
 build=1
@@ -108,11 +113,11 @@ if [[ $mode == quick ]]; then
     pairs="${pairs:-2}"
     concurrent_reps=1
     # name layers MiB-per-layer
-    images=("small 1 1" "medium 4 4" "many 8 1" "large 8 8" "biglayer 1 64")
+    images=("small 1 1" "medium 4 4" "many 8 1" "large 8 8" "biglayer 1 64" "real dirs $REAL_DIRS")
 else
     pairs="${pairs:-5}"
     concurrent_reps=3
-    images=("small 1 8" "medium 4 64" "many 16 16" "large 16 64" "biglayer 2 512")
+    images=("small 1 8" "medium 4 64" "many 16 16" "large 16 64" "biglayer 2 512" "real dirs $REAL_DIRS")
 fi
 [[ $pairs =~ ^[1-9][0-9]*$ ]] || { echo "bench: --pairs wants a positive number" >&2; exit 64; }
 CONCURRENT_ORDERS=20
@@ -376,17 +381,27 @@ step "images (random layers; cached in $work_dir/images)"
 declare -A IMAGE_DIR IMAGE_LAYERS IMAGE_BYTES
 for spec in "${images[@]}"; do
     read -r name layers mib <<<"$spec"
-    dir="$work_dir/images/$name-${layers}x${mib}MiB-gz$gzip_level"
+    if [[ $layers == dirs ]]; then
+        # mib holds the directory list; real files compress: gzip -6 as image builders do.
+        dir="$work_dir/images/$name-$(printf '%s' "$mib" | sha256sum | cut -c1-8)-gz6"
+        args=(--dirs "$mib" --gzip-level 6)
+        what="tars of $mib, gzip -6"
+        layer_count="$(awk -F, '{ print NF }' <<<"$mib")"
+    else
+        dir="$work_dir/images/$name-${layers}x${mib}MiB-gz$gzip_level"
+        args=(--layers "$layers" --layer-mib "$mib" --gzip-level "$gzip_level")
+        what="${layers} x ${mib} MiB"
+        layer_count="$layers"
+    fi
     if ((fresh_images)) || [[ ! -f $dir/bench-image.json ]]; then
         started="$(now)"
-        python3 "$BENCH_DIR/mkimage.py" "$dir" --layers "$layers" --layer-mib "$mib" \
-            --gzip-level "$gzip_level" >/dev/null
-        say "$name: ${layers} x ${mib} MiB written in $(since "$started") s"
+        python3 "$BENCH_DIR/mkimage.py" "$dir" "${args[@]}" >/dev/null
+        say "$name: $what written in $(since "$started") s"
     else
-        say "$name: ${layers} x ${mib} MiB (cached layout)"
+        say "$name: $what (cached layout)"
     fi
     IMAGE_DIR[$name]="$dir"
-    IMAGE_LAYERS[$name]=$((layers + 1))
+    IMAGE_LAYERS[$name]=$((layer_count + 1))
     IMAGE_BYTES[$name]="$(jq '[.blobs[].size] | add' "$dir/bench-image.json")"
 done
 
@@ -798,7 +813,11 @@ fi
 printf 'load_end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS/machine.tsv"
 for spec in "${images[@]}"; do
     read -r name layers mib <<<"$spec"
-    printf 'image_%s\t%s x %s MiB + busybox layer, %s bytes\n' "$name" "$layers" "$mib" "${IMAGE_BYTES[$name]}" >>"$RESULTS/machine.tsv"
+    if [[ $layers == dirs ]]; then
+        printf 'image_%s\ttars of %s (gzip -6) + busybox layer, %s bytes\n' "$name" "$mib" "${IMAGE_BYTES[$name]}" >>"$RESULTS/machine.tsv"
+    else
+        printf 'image_%s\t%s x %s MiB + busybox layer, %s bytes\n' "$name" "$layers" "$mib" "${IMAGE_BYTES[$name]}" >>"$RESULTS/machine.tsv"
+    fi
 done
 cp "$REGISTRY_LOG" "$RESULTS/logs/registry.log"
 
