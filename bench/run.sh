@@ -23,8 +23,7 @@
 #   2. writes OCI layouts (bench/mkimage.py), cached in the work dir: random, incompressible
 #      layers, and `real`, tars of /usr/lib/gcc, /usr/include and /usr/lib/python3.11 of this
 #      machine at gzip -6 (about 300 MiB uncompressed, a realistic compressible image); the
-#      random ones are
-#      work dir, each image = a busybox layer + N random layers:
+#      random ones are a busybox layer + N random layers:
 #        full:  small 1x8 MiB, medium 4x64 MiB, many 16x16 MiB, large 16x64 MiB (1 GiB),
 #               biglayer 2x512 MiB (1 GiB in two layers)
 #        quick: small 1x1, medium 4x4, many 8x1, large 8x8, biglayer 1x64 (MiB)
