@@ -56,8 +56,12 @@ async fn one_bandwidth_limit_is_shared_evenly_by_concurrent_pulls() -> anyhow::R
     let mib = |pushed: &PushedLayered| pushed.total_bytes() as f64 / f64::from(1 << 20);
 
     let alone = timed_pull(&fx, &solo).await?;
+    // At least the 4 s the limit allows; at most 6 s: the pull's own work (unpack, the image
+    // record) takes up to a second and more on a loaded machine (seen: 5.2 s at a load of 12
+    // on 2 cores), while a limiter that let through less than two thirds of its rate would
+    // still fail here.
     assert!(
-        alone >= Duration::from_millis(3500) && alone <= Duration::from_secs(5),
+        alone >= Duration::from_millis(3500) && alone <= Duration::from_secs(6),
         "{:.1} MiB at 4 MiB/s took {alone:?}",
         mib(&solo)
     );
