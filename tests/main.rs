@@ -23,6 +23,8 @@
 //! - `security`, `limits`, `api_access`: the security properties (hostile registries, tenants,
 //!   input limits, who may call the API, berthd's own process); SECURITY.md names the test
 //!   behind each guarantee.
+//! - `unpack_diff`: the unpacked tree of a layer corpus, berthd's against containerd's own
+//!   (`ctr images pull`) on one containerd (an acceptance test of berth's own layer applier).
 
 mod harness;
 
@@ -64,3 +66,5 @@ mod seed_flow;
 mod selftest;
 #[cfg(test)]
 mod signatures;
+#[cfg(test)]
+mod unpack_diff;

