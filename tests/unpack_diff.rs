@@ -9,9 +9,15 @@
 //! checked against what the corpus means (whiteouts, opaque dirs, replacements), so two equally
 //! wrong unpacks cannot pass.
 //!
-//! Tolerance: none today. Directory mtimes are compared too, which holds because every layer of
-//! the corpus carries an explicit entry for each directory it writes into (as image builders
-//! do); a directory a layer only implies gets the time of the unpack, on both sides.
+//! Each chain level is compared twice: merged (the view a container gets) and raw (the
+//! snapshot's own layer dir, where overlay whiteouts are char devices 0:0 and opaque dirs carry
+//! `trusted.overlay.opaque=y`, the form berth's applier must write).
+//!
+//! Tolerance: directory mtimes are compared, which holds because every layer of the corpus
+//! carries an explicit entry for each directory it writes into (as image builders do); a
+//! directory a layer only implies gets the time of the unpack, on both sides. Only the mtimes of
+//! the whiteout devices in the raw layer dirs are not compared: containerd creates them at
+//! unpack time and sets no time, so they differ between any two unpacks.
 //!
 //! Docker's `tar.zstd` layer type is in a test of its own: containerd 1.6 does not know it and
 //! berth's Diff.Apply path does not accept it, so it waits for berth's own applier.
@@ -339,9 +345,54 @@ async fn pull_both_and_compare(
             layers[level].format,
             differences.join("\n")
         );
+        // The layer as written: whiteout devices and opaque xattrs in the form overlayfs reads.
+        // containerd makes a whiteout device at unpack time and sets no time on it (overlayfs
+        // never shows it), so those mtimes differ from one unpack to the next.
+        let berth_layer = berth_view.scan_layer()?;
+        if level == 1 {
+            assert_overlay_form(&berth_layer);
+        }
+        let differences = berth_layer.diff(
+            "berthd",
+            &containerd_view.scan_layer()?,
+            "containerd",
+            Tolerance {
+                whiteout_mtimes: true,
+                ..Tolerance::default()
+            },
+        );
+        assert!(
+            differences.is_empty(),
+            "layer {level} ({:?}) is written differently in its snapshot dir:\n{}",
+            layers[level].format,
+            differences.join("\n")
+        );
         top = Some(berth_tree);
     }
     Ok((pushed, top.context("the corpus has layers")?))
+}
+
+/// Layer 1's own dir holds its whiteouts as overlayfs reads them.
+fn assert_overlay_form(layer: &Tree) {
+    for whiteout in ["delete/gone", "delete/gone_dir"] {
+        assert_eq!(
+            layer.get(whiteout).map(|node| &node.kind),
+            Some(&Kind::Char(0, 0)),
+            "{whiteout} in layer 1's dir"
+        );
+    }
+    assert_eq!(
+        layer
+            .get("opaque")
+            .and_then(|node| node.xattrs.get("trusted.overlay.opaque")),
+        Some(&b"y".to_vec())
+    );
+    assert_eq!(
+        layer.children("opaque"),
+        ["new".to_owned()].into(),
+        "the marker itself is not a file"
+    );
+    assert!(layer.get("delete/.wh.gone").is_none());
 }
 
 /// What the corpus means, checked on berthd's tree (so that equal but wrong trees fail).

@@ -59,6 +59,8 @@ pub struct Tree {
 pub struct Tolerance {
     /// Directory mtimes are not compared.
     pub dir_mtimes: bool,
+    /// The mtimes of overlay whiteouts (char devices 0:0, in a raw layer dir) are not compared.
+    pub whiteout_mtimes: bool,
 }
 
 fn xattrs(path: &Path) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
@@ -208,7 +210,10 @@ impl Tree {
                         format_xattrs(&mine.xattrs),
                         format_xattrs(&theirs.xattrs),
                     );
-                    if !(tolerance.dir_mtimes && mine.is_dir() && theirs.is_dir()) {
+                    let both = |kind: &Kind| mine.kind == *kind && theirs.kind == *kind;
+                    let skip_mtime = (tolerance.dir_mtimes && both(&Kind::Dir))
+                        || (tolerance.whiteout_mtimes && both(&Kind::Char(0, 0)));
+                    if !skip_mtime {
                         field(
                             "mtime",
                             format!("{}.{:09}", mine.mtime.0, mine.mtime.1),
@@ -226,6 +231,26 @@ impl Tree {
             lines.push(format!("hardlink group only in {right}: {group:?}"));
         }
         lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layer_dir_is_the_bind_source_or_the_first_lower() {
+        assert_eq!(
+            layer_dir_of("mount -t bind /s/1/fs /t -o rbind,ro"),
+            Some(PathBuf::from("/s/1/fs"))
+        );
+        assert_eq!(
+            layer_dir_of(
+                "mount -t overlay overlay /t -o index=off,lowerdir=/s/3/fs:/s/2/fs:/s/1/fs"
+            ),
+            Some(PathBuf::from("/s/3/fs"))
+        );
+        assert_eq!(layer_dir_of("mount -t tmpfs x /t"), None);
     }
 }
 
@@ -255,6 +280,29 @@ pub struct SnapshotView<'a> {
     namespace: String,
     key: String,
     target: PathBuf,
+    /// The snapshot's own dir (its layer alone, as the applier wrote it): the bind source, or
+    /// the first `lowerdir`.
+    layer_dir: PathBuf,
+}
+
+/// The top layer's dir in a mount command ctr printed for a view.
+fn layer_dir_of(command: &str) -> Option<PathBuf> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    if let Some(options) = words
+        .iter()
+        .skip_while(|word| **word != "-o")
+        .nth(1)
+        .filter(|_| words.get(2) == Some(&"overlay"))
+    {
+        let lowers = options
+            .split(',')
+            .find_map(|option| option.strip_prefix("lowerdir="))?;
+        return lowers.split(':').next().map(PathBuf::from);
+    }
+    // mount -t bind SOURCE TARGET -o rbind,ro
+    (words.get(2) == Some(&"bind"))
+        .then(|| words.get(3).map(PathBuf::from))
+        .flatten()
 }
 
 impl<'a> SnapshotView<'a> {
@@ -285,11 +333,14 @@ impl<'a> SnapshotView<'a> {
                 String::from_utf8_lossy(&created.stderr)
             );
         }
+        let layer_dir = layer_dir_of(&command)
+            .with_context(|| format!("no layer dir in the mount command {command:?}"))?;
         let view = Self {
             containerd,
             namespace: namespace.to_owned(),
             key,
             target,
+            layer_dir,
         };
         let mounted = tokio::process::Command::new("sh")
             .args(["-c", &command])
@@ -311,6 +362,12 @@ impl<'a> SnapshotView<'a> {
 
     pub fn scan(&self) -> anyhow::Result<Tree> {
         Tree::scan(&self.target)
+    }
+
+    /// The snapshot's own layer dir, read raw: overlay whiteouts (char 0:0) and opaque dirs
+    /// (`trusted.overlay.opaque=y`) show here, where the merged mount hides them.
+    pub fn scan_layer(&self) -> anyhow::Result<Tree> {
+        Tree::scan(&self.layer_dir)
     }
 }
 
