@@ -5,13 +5,16 @@
 //! ctime), and nothing new appears in `/` or `/etc`. A refused pull leaves no image record and
 //! no snapshot named for the layer's chain id; an accepted one has the entry inside the snapshot.
 //!
-//! What berthd does today (containerd's Diff.Apply) and with berth's own applier differs in two
+//! What berthd does today (containerd's Diff.Apply) and with berth's own applier differs in three
 //! places, and the tests say which:
 //! - `..` names: containerd clamps them into the root and the pull succeeds; berth's applier
 //!   refuses the layer (INVALID_ARGUMENT).
 //! - hardlinks to a path outside the root: containerd resolves the target inside the root, finds
 //!   nothing and fails with an Unknown error (INTERNAL from berthd); berth's applier refuses them
 //!   as INVALID_ARGUMENT.
+//!
+//! - a layer whose config names another diff id: INTERNAL today (containerd's diff id against
+//!   the config's, reported as a containerd error), DATA_LOSS from berth's applier.
 //!
 //! The safety tests run today and accept either outcome where the two paths differ; the exact
 //! refusal is in an `#[ignore]`d test of its own, to be un-ignored when berth's applier lands.
@@ -30,6 +33,7 @@ use tonic::Code;
 use crate::harness::canary::{Canary, HostRoots};
 use crate::harness::env::{Env, RegistryKind};
 use crate::harness::hostile::{HostileFront, Hostility};
+use crate::harness::image::sha256_digest;
 use crate::harness::layers::{push_layers, Layer, LayerFormat, LayerTar, Meta, PushedLayers};
 use crate::harness::random_lowercase;
 use crate::harness::tree::SnapshotView;
@@ -512,4 +516,46 @@ async fn a_layer_blob_longer_than_its_descriptor_is_data_loss() -> anyhow::Resul
     );
     assert_refused_cleanly(&env, &pushed).await?;
     targets.assert_untouched()
+}
+
+/// A layer whose config names another diff id (the blob's digest is right).
+async fn push_with_wrong_diff_id(env: &Env, targets: &Targets) -> anyhow::Result<PushedLayers> {
+    let mut tar = LayerTar::default();
+    tar.symlink("escape", "/")?.file(
+        &format!("escape/{}/canary", targets.tmp.dir_in_root()),
+        pwned(),
+        b"pwned",
+    )?;
+    let mut layer = Layer::new(&tar.finish()?, LayerFormat::OciGzip)?;
+    layer.diff_id = sha256_digest(b"not this layer");
+    push_layers(
+        &env.ca,
+        env.registry.addr(),
+        "hostile/diff-id",
+        "v1",
+        &env.pusher,
+        &[layer],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_that_is_not_its_diff_id_is_refused() -> anyhow::Result<()> {
+    // Today INTERNAL: the Diff.Apply path reports containerd's diff id as a containerd error.
+    let env = Env::start(RegistryKind::Htpasswd).await?;
+    let targets = Targets::plant(&env)?;
+    let pushed = push_with_wrong_diff_id(&env, &targets).await?;
+    expect_refused(&env, &pushed, &targets, None).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs berth's own layer applier (issue 15)"]
+async fn a_layer_that_is_not_its_diff_id_is_data_loss() -> anyhow::Result<()> {
+    // contract.md: a digest mismatch is DATA_LOSS; the diff id is the uncompressed digest.
+    let env = Env::start(RegistryKind::Htpasswd).await?;
+    let targets = Targets::plant(&env)?;
+    let pushed = push_with_wrong_diff_id(&env, &targets).await?;
+    expect_refused(&env, &pushed, &targets, Some(Code::DataLoss)).await?;
+    Ok(())
 }

@@ -657,3 +657,96 @@ async fn a_gnu_sparse_file_unpacks_to_its_full_content() -> anyhow::Result<()> {
     assert_eq!(node.get("data/sparse").map(|node| node.mode), Some(0o644));
     Ok(())
 }
+
+/// A setuid file with a file capability and a setgid file, each with a hardlink whose header
+/// repeats the target's mode and owner (as tar and Go's archive/tar write them), and a 0640 7:8
+/// file with a hardlink whose header says 0644 0:0.
+fn setid_link_layer() -> anyhow::Result<Vec<u8>> {
+    let mut tar = LayerTar::default();
+    tar.dir("bin", Meta::mode(0o755))?;
+    tar.xattr("security.capability", &CAPABILITY);
+    tar.file("bin/tool", Meta::mode(0o4755), b"tool\n")?
+        .hardlink_with("bin/tool-link", "bin/tool", Meta::mode(0o4755))?
+        .file("bin/gtool", Meta::mode(0o2755).owner(0, 50), b"gtool\n")?
+        .hardlink_with(
+            "bin/gtool-link",
+            "bin/gtool",
+            Meta::mode(0o2755).owner(0, 50),
+        )?
+        .file("bin/plain", Meta::mode(0o640).owner(7, 8), b"plain\n")?
+        .hardlink("bin/plain-link", "bin/plain")?;
+    tar.finish()
+}
+
+/// Pushes the hardlink layer as `team/setid-links:v1`.
+async fn setid_links_pushed(env: &Env) -> anyhow::Result<PushedLayers> {
+    let layers = vec![Layer::new(&setid_link_layer()?, LayerFormat::OciGzip)?];
+    push_layers(
+        &env.ca,
+        env.registry.addr(),
+        "team/setid-links",
+        "v1",
+        &env.pusher,
+        &layers,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_gives_a_hardlinked_inode_the_link_entrys_metadata() -> anyhow::Result<()> {
+    // The reference berth's applier departs from on purpose: containerd lchowns and chmods the
+    // link, i.e. the shared inode, from the link entry's header. The chown clears the file
+    // capability (the chmod restores setuid and setgid, not the capability), and a link header
+    // with another mode or owner rewrites the target's. Same on 1.6 and 2.1.
+    let env = Env::start(RegistryKind::Htpasswd).await?;
+    let pushed = setid_links_pushed(&env).await?;
+    containerd_pull(&env, CONTAINERD_NAMESPACE, &pushed.image.reference()).await?;
+    let view =
+        SnapshotView::mount(&env.containerd, CONTAINERD_NAMESPACE, pushed.top_chain_id()).await?;
+    let tree = view.scan()?;
+    let tool = tree.get("bin/tool").context("bin/tool")?;
+    assert_eq!(tool.mode, 0o4755);
+    assert_eq!(tool.xattrs.get("security.capability"), None);
+    let gtool = tree.get("bin/gtool").context("bin/gtool")?;
+    assert_eq!((gtool.mode, gtool.uid, gtool.gid), (0o2755, 0, 50));
+    let plain = tree.get("bin/plain").context("bin/plain")?;
+    assert_eq!((plain.mode, plain.uid, plain.gid), (0o644, 0, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs berth's own layer applier (issue 15)"]
+async fn a_hardlinked_inode_keeps_its_own_entrys_metadata() -> anyhow::Result<()> {
+    // berth-unpack (entry.rs, make_hardlink): a hardlink shares the target's inode, whose
+    // metadata its own entry set; the link header's mode and owner are not applied, so the file
+    // capability and set-id bits stay. This is where berthd and containerd differ on purpose.
+    let env = Env::start(RegistryKind::Htpasswd).await?;
+    let pushed = setid_links_pushed(&env).await?;
+    let secret = env
+        .create_secret("links", env.registry.addr(), &env.user)
+        .await?;
+    if let Err(status) = berth_pull(&env, &pushed.image.reference(), &secret).await? {
+        bail!("berthd refused the hardlink layer: {status:?}");
+    }
+    let view = SnapshotView::mount(
+        &env.containerd,
+        env.containerd.namespace(),
+        pushed.top_chain_id(),
+    )
+    .await?;
+    let tree = view.scan()?;
+    let tool = tree.get("bin/tool").context("bin/tool")?;
+    assert_eq!(tool.mode, 0o4755);
+    assert_eq!(
+        tool.xattrs.get("security.capability"),
+        Some(&CAPABILITY.to_vec())
+    );
+    let gtool = tree.get("bin/gtool").context("bin/gtool")?;
+    assert_eq!((gtool.mode, gtool.uid, gtool.gid), (0o2755, 0, 50));
+    let plain = tree.get("bin/plain").context("bin/plain")?;
+    assert_eq!((plain.mode, plain.uid, plain.gid), (0o640, 7, 8));
+    assert!(tree
+        .hardlinks
+        .contains(&vec!["bin/tool".into(), "bin/tool-link".into()]));
+    Ok(())
+}

@@ -274,12 +274,23 @@ impl LayerTar {
         )
     }
 
+    /// A hardlink whose own header says mode 0644, owner 0:0.
     pub fn hardlink(&mut self, name: &str, target: &str) -> anyhow::Result<&mut Self> {
+        self.hardlink_with(name, target, Meta::mode(0o644))
+    }
+
+    /// A hardlink whose header carries `meta` (tar and Go's archive/tar copy the target's).
+    pub fn hardlink_with(
+        &mut self,
+        name: &str,
+        target: &str,
+        meta: Meta,
+    ) -> anyhow::Result<&mut Self> {
         self.raw(
             EntryType::Link,
             name.as_bytes(),
             target.as_bytes(),
-            Meta::mode(0o644),
+            meta,
             b"",
         )
     }
