@@ -19,8 +19,9 @@
 //! the whiteout devices in the raw layer dirs are not compared: containerd creates them at
 //! unpack time and sets no time, so they differ between any two unpacks.
 //!
-//! Docker's `tar.zstd` layer type is in a test of its own: containerd 1.6 does not know it and
-//! berth's Diff.Apply path does not accept it, so it waits for berth's own applier.
+//! Docker's `tar.zstd` layer type is in a test of its own: containerd 1.6 does not know it, and
+//! berthd today refuses it on every version before any fetch (FAILED_PRECONDITION, "unsupported
+//! layer media type"), so it waits for berth's own applier.
 
 use anyhow::{bail, Context as _};
 use berth::api::pb::PullImageRequest;
