@@ -139,24 +139,31 @@ fn strip_one_newline(value: &mut String) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const KINDS: [SecretKind; 3] = [SecretKind::Docker, SecretKind::Acr, SecretKind::Gar];
+    /// Every kind of secret.
+    pub(crate) const KINDS: [SecretKind; 3] =
+        [SecretKind::Docker, SecretKind::Acr, SecretKind::Gar];
 
-    fn credential(kind: SecretKind) -> Credential {
+    /// A valid credential of `kind` whose material needs JSON escaping.
+    pub(crate) fn credential(kind: SecretKind) -> Credential {
         match kind {
             SecretKind::Docker | SecretKind::Acr => Credential::UsernamePassword {
-                username: "user \"quoted\"".into(),
+                username: "robot$ci \"quoted\"".into(),
                 password: SecretString::from("zz\u{1}pass\\word\u{e9}zz"),
             },
             SecretKind::Gar => {
-                Credential::JsonKey(SecretString::from("{\"private_key\":\"zzk\\nzz\"}"))
+                Credential::JsonKey(SecretString::from(crate::gar_key::tests::key_json(
+                    crate::gar_key::tests::TEST_RSA_PEM,
+                    "https://oauth2.googleapis.com/token",
+                )))
             }
         }
     }
 
-    fn same(left: &Credential, right: &Credential) -> bool {
+    /// Whether two credentials are of one type with the same material.
+    pub(crate) fn same(left: &Credential, right: &Credential) -> bool {
         match (left, right) {
             (
                 Credential::UsernamePassword { username, password },

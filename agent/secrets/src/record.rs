@@ -156,23 +156,17 @@ fn associated_data(project: &str, id: &SecretId) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use aes_gcm::KeyInit as _;
-    use secrecy::{ExposeSecret as _, SecretString};
 
     use super::*;
+    use crate::fields::tests::{credential, same, KINDS};
 
     /// Every kind, sealed and opened again, comes back as it went in; opened as another id it
     /// is corrupt.
     #[test]
     fn every_kind_round_trips_through_a_sealed_record() {
         let cipher = Aes256Gcm::new_from_slice(&[7u8; 32]).unwrap();
-        for kind in [SecretKind::Docker, SecretKind::Acr, SecretKind::Gar] {
-            let credential = match kind {
-                SecretKind::Docker | SecretKind::Acr => Credential::UsernamePassword {
-                    username: "robot$ci".to_owned(),
-                    password: SecretString::from("zzpass\"word\u{1}zz"),
-                },
-                SecretKind::Gar => Credential::JsonKey(SecretString::from("{\"k\":\"zzkeyzz\"}")),
-            };
+        for kind in KINDS {
+            let credential = credential(kind);
             let meta = SecretMeta {
                 id: SecretId::parse("secret-a").unwrap(),
                 project: "default".to_owned(),
@@ -186,22 +180,7 @@ mod tests {
             assert_eq!(stored.meta.kind, kind);
             assert_eq!(stored.meta.name, "n");
             assert_eq!(stored.meta.created_at, meta.created_at);
-            match (&credential, &stored.credential) {
-                (
-                    Credential::UsernamePassword { username, password },
-                    Credential::UsernamePassword {
-                        username: read_username,
-                        password: read_password,
-                    },
-                ) => {
-                    assert_eq!(username, read_username);
-                    assert_eq!(password.expose_secret(), read_password.expose_secret());
-                }
-                (Credential::JsonKey(written), Credential::JsonKey(read)) => {
-                    assert_eq!(written.expose_secret(), read.expose_secret());
-                }
-                _ => panic!("{kind} came back as another credential type"),
-            }
+            assert!(same(&credential, &stored.credential), "{kind}");
             let other = SecretId::parse("secret-b").unwrap();
             assert!(matches!(
                 unseal(&cipher, "default", &other, &record),
