@@ -308,26 +308,27 @@ impl FaultProxy {
         );
     }
 
-    /// The two GETs of blob `digest` after [`Self::stall_blob_once`] at `stall_at`: checks
-    /// that the first stopped there and the second resumed from inside what had arrived.
-    pub fn gets_resumed_after_stall(
+    /// The two GETs of blob `digest` after the first was stopped (stalled or cut) at
+    /// `stopped_at` body bytes: checks that the first stopped there and the second resumed with
+    /// a Range from inside what had arrived, not from the start.
+    pub fn gets_resumed_after(
         &self,
         digest: &str,
-        stall_at: u64,
+        stopped_at: u64,
     ) -> anyhow::Result<(RequestRecord, RequestRecord)> {
         let log = self.describe();
         let [first, second]: [RequestRecord; 2] = self
             .blob_gets(digest)
             .try_into()
-            .map_err(|_| anyhow::anyhow!("one stalled GET, one resumed GET:\n{log}"))?;
+            .map_err(|_| anyhow::anyhow!("one stopped GET, one resumed GET:\n{log}"))?;
         anyhow::ensure!(
-            first.bytes_sent == stall_at,
-            "the first GET did not stall at {stall_at}:\n{log}"
+            first.bytes_sent == stopped_at,
+            "the first GET did not stop at {stopped_at}:\n{log}"
         );
         let resumed_from = second.range_start();
         anyhow::ensure!(
-            resumed_from > 0 && resumed_from <= stall_at,
-            "the retry after a stall must resume from what arrived:\n{log}"
+            resumed_from > 0 && resumed_from <= stopped_at,
+            "the retry must resume from what arrived (<= {stopped_at}), not restart:\n{log}"
         );
         Ok((first, second))
     }

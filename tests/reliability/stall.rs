@@ -29,7 +29,7 @@ async fn a_stalled_blob_is_cut_and_resumed_alone_after_the_stall_timeout() -> an
 
     let (container, took) = fx.run(&fx.via_proxy(&pushed)).await?;
     assert_eq!(container.image_digest, pushed.image.manifest_digest);
-    let (stalled, resumed) = fx.proxy.gets_resumed_after_stall(&blob.digest, stall_at)?;
+    let (stalled, resumed) = fx.proxy.gets_resumed_after(&blob.digest, stall_at)?;
     let log = fx.proxy.describe();
     assert_eq!(resumed.status, 206, "{log}");
     assert_eq!(
