@@ -30,11 +30,6 @@ impl WireAuth {
         }
     }
 
-    /// Whether the request carries no credential.
-    pub fn is_anonymous(&self) -> bool {
-        matches!(self, Self::Anonymous)
-    }
-
     /// The `Authorization` header value, marked sensitive; None when anonymous, or for a
     /// token no header may carry (token responses with one are refused before it gets here).
     pub fn header(&self) -> Option<HeaderValue> {
