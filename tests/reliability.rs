@@ -27,7 +27,6 @@ use crate::harness::berthd::{Berthd, BerthdOptions};
 use crate::harness::env::{start_request, Env, RegistryKind};
 use crate::harness::faults::FaultProxy;
 use crate::harness::image::layered::PushedLayered;
-use crate::harness::image::TestImage;
 use crate::harness::random_lowercase;
 use crate::harness::wait::{wait_for, ORDER_TIMEOUT};
 
@@ -94,16 +93,7 @@ impl FaultEnv {
         cmd: &[&str],
         random_bytes: usize,
     ) -> anyhow::Result<PushedLayered> {
-        TestImage::busybox(cmd)
-            .with_random_layer(random_bytes)
-            .push(
-                &self.env.ca,
-                self.env.registry.addr(),
-                repository,
-                "v1",
-                &self.env.pusher,
-            )
-            .await
+        self.env.push_layered(repository, cmd, random_bytes).await
     }
 
     /// The reference through the proxy.
@@ -134,7 +124,7 @@ impl FaultEnv {
             Ok(container) => container,
             Err(status) => bail!(
                 "starting {image} failed: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
-                describe_requests(&self.proxy),
+                self.proxy.describe(),
                 self.env.berthd.log_tail()
             ),
         };
@@ -162,28 +152,6 @@ fn with_metrics(registry_toml: &str) -> anyhow::Result<(BerthdOptions, String)> 
 async fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     let (_, exposition) = crate::harness::exposition::scrape(addr).await?;
     Ok(exposition.value(name, labels).unwrap_or(0.0))
-}
-
-/// The proxy's request log, one line per request, for assertion messages.
-fn describe_requests(proxy: &FaultProxy) -> String {
-    proxy
-        .requests()
-        .iter()
-        .map(|r| {
-            format!(
-                "{:>8.3}s {} {} range={:?} -> {} fault={:?} sent={}/{}",
-                r.arrived.as_secs_f64(),
-                r.method,
-                r.path,
-                r.range,
-                r.status,
-                r.fault,
-                r.bytes_sent,
-                r.body_len
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Image names in the test's namespace (`ctr images ls -q`).

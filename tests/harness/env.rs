@@ -10,7 +10,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 use berth::api::pb::{
-    Container, ContainerSpec, ContainerState, GetContainerRequest, StartContainerRequest,
+    Container, ContainerSpec, ContainerState, GetContainerRequest, PullImageRequest,
+    StartContainerRequest,
 };
 use tempfile::TempDir;
 
@@ -19,6 +20,7 @@ use super::ca::TestCa;
 use super::containerd::Containerd;
 use super::credentials::RegistryUser;
 use super::google::GoogleOAuth;
+use super::image::layered::PushedLayered;
 use super::image::{push_image, PushedImage, TestImage};
 use super::proxy::{CorruptingProxy, ServicelessFront};
 use super::registry::Registry;
@@ -218,6 +220,43 @@ impl Env {
         image: &TestImage,
     ) -> anyhow::Result<PushedImage> {
         push_image(&self.ca, registry, repository, tag, &self.pusher, image).await
+    }
+
+    /// Pushes busybox running `cmd` with a second layer of `random_bytes` random bytes, as
+    /// `repository:v1`, straight to the registry as the pusher.
+    pub async fn push_layered(
+        &self,
+        repository: &str,
+        cmd: &[&str],
+        random_bytes: usize,
+    ) -> anyhow::Result<PushedLayered> {
+        TestImage::busybox(cmd)
+            .with_random_layer(random_bytes)
+            .push(
+                &self.ca,
+                self.registry.addr(),
+                repository,
+                "v1",
+                &self.pusher,
+            )
+            .await
+    }
+
+    /// `Agent/PullImage` (project "default") of `image` with `pull_secret`, read to its end.
+    pub async fn pull_image(&self, image: &str, pull_secret: &str) -> anyhow::Result<()> {
+        let mut events = self
+            .berthd
+            .agent()
+            .await?
+            .pull_image(PullImageRequest {
+                project: String::new(),
+                image: image.to_owned(),
+                pull_secret: pull_secret.to_owned(),
+            })
+            .await?
+            .into_inner();
+        while events.message().await?.is_some() {}
+        Ok(())
     }
 
     /// The token server; an error for an htpasswd env.

@@ -295,6 +295,65 @@ impl FaultProxy {
             .collect()
     }
 
+    /// Makes the first GET of blob `digest` send `bytes` body bytes, then hold the connection
+    /// for a minute (and then cut it).
+    pub fn stall_blob_once(&self, digest: &str, bytes: u64) {
+        self.inject(
+            Target::Blob(digest.to_owned()),
+            Fault::StallAfter {
+                bytes,
+                stall: Duration::from_secs(60),
+            },
+            Times::Once,
+        );
+    }
+
+    /// The two GETs of blob `digest` after the first was stopped (stalled or cut) at
+    /// `stopped_at` body bytes: checks that the first stopped there and the second resumed with
+    /// a Range from inside what had arrived, not from the start.
+    pub fn gets_resumed_after(
+        &self,
+        digest: &str,
+        stopped_at: u64,
+    ) -> anyhow::Result<(RequestRecord, RequestRecord)> {
+        let log = self.describe();
+        let [first, second]: [RequestRecord; 2] = self
+            .blob_gets(digest)
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("one stopped GET, one resumed GET:\n{log}"))?;
+        anyhow::ensure!(
+            first.bytes_sent == stopped_at,
+            "the first GET did not stop at {stopped_at}:\n{log}"
+        );
+        let resumed_from = second.range_start();
+        anyhow::ensure!(
+            resumed_from > 0 && resumed_from <= stopped_at,
+            "the retry must resume from what arrived (<= {stopped_at}), not restart:\n{log}"
+        );
+        Ok((first, second))
+    }
+
+    /// Every request so far, one a line, for assertion messages.
+    pub fn describe(&self) -> String {
+        self.requests()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:>8.3}s {} {} range={:?} -> {} fault={:?} sent={}/{}",
+                    r.arrived.as_secs_f64(),
+                    r.method,
+                    r.path,
+                    r.range,
+                    r.status,
+                    r.fault,
+                    r.bytes_sent,
+                    r.body_len
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Body bytes sent for blob `digest`, over all its GETs.
     pub fn blob_bytes_sent(&self, digest: &str) -> u64 {
         self.blob_gets(digest)

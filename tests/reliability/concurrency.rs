@@ -6,7 +6,7 @@ use berth::api::pb::PullImageRequest;
 use futures::future::join_all;
 use tokio::time::Instant;
 
-use super::{describe_requests, FaultEnv, FAST_REGISTRY, LAYER_BYTES};
+use super::{FaultEnv, FAST_REGISTRY, LAYER_BYTES};
 use crate::harness::faults::{Fault, Target, Times};
 
 /// Orders sent at once.
@@ -60,7 +60,7 @@ async fn twenty_orders_for_one_new_image_download_it_once() -> anyhow::Result<()
         let container = result.map_err(|status| {
             anyhow::anyhow!(
                 "order {index}: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
-                describe_requests(&fx.proxy),
+                fx.proxy.describe(),
                 fx.env.berthd.log_tail()
             )
         })?;
@@ -77,7 +77,7 @@ async fn twenty_orders_for_one_new_image_download_it_once() -> anyhow::Result<()
     ids.dedup();
     assert_eq!(ids.len(), ORDERS, "every order has its own container");
 
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     let mut counts = Vec::new();
     for blob in crowd.blobs() {
         let gets = fx.proxy.blob_gets(&blob.digest);
@@ -162,7 +162,7 @@ async fn a_pre_pull_and_start_orders_for_one_image_share_the_download() -> anyho
         }
     });
     let (pulled, started) = tokio::join!(pull, join_all(starts));
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     let events = pulled.map_err(|failure| failure.context(format!("PullImage\n{log}")))?;
     for (index, result) in started.into_iter().enumerate() {
         let container = result?.map_err(|status| {
@@ -238,7 +238,7 @@ async fn orders_for_several_tags_of_one_image_share_its_blobs() -> anyhow::Resul
         let container = result?.map_err(|status| {
             anyhow::anyhow!(
                 "tag order {index}: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
-                describe_requests(&fx.proxy),
+                fx.proxy.describe(),
                 fx.env.berthd.log_tail()
             )
         })?;
@@ -246,7 +246,7 @@ async fn orders_for_several_tags_of_one_image_share_its_blobs() -> anyhow::Resul
         assert_eq!(exited.exit_code, 0, "{exited:?}");
         assert_eq!(exited.image_digest, pushed.image.manifest_digest);
     }
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     for blob in pushed.blobs() {
         let gets = fx.proxy.blob_gets(&blob.digest).len();
         assert_eq!(gets, 1, "blob {} fetched {gets} times:\n{log}", blob.digest);

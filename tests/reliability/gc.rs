@@ -5,13 +5,12 @@
 
 use std::collections::HashMap;
 
-use berth::api::pb::{ContainerState, PullImageRequest, RemoveContainerRequest};
+use berth::api::pb::{ContainerState, RemoveContainerRequest};
 
 use super::{image_names, metric, wait_for_state};
 use crate::harness::berthd::{Berthd, BerthdOptions};
 use crate::harness::containerd::Containerd;
 use crate::harness::env::{start_request, Env, RegistryKind};
-use crate::harness::image::TestImage;
 use crate::harness::tmpfs::Tmpfs;
 use crate::harness::wait::{wait_for, ORDER_TIMEOUT};
 
@@ -20,23 +19,6 @@ const ROOT_BYTES: u64 = 128 << 20;
 
 /// Random layer per image: with its unpacked snapshot and the busybox layer, about 11 MiB.
 const RANDOM_BYTES: usize = 4 << 20;
-
-/// `PullImage` to the end.
-async fn pull(env: &Env, image: &str, secret: &str) -> anyhow::Result<()> {
-    let mut events = env
-        .berthd
-        .agent()
-        .await?
-        .pull_image(PullImageRequest {
-            project: String::new(),
-            image: image.to_owned(),
-            pull_secret: secret.to_owned(),
-        })
-        .await?
-        .into_inner();
-    while events.message().await?.is_some() {}
-    Ok(())
-}
 
 /// The `berth.dev/last-used` label of image `name` (`ctr images ls`).
 async fn last_used(env: &Env, name: &str) -> anyhow::Result<Option<u64>> {
@@ -75,19 +57,12 @@ async fn gc_removes_least_recently_used_images_down_to_the_low_watermark() -> an
         } else {
             &["echo", "ok"]
         };
-        let pushed = TestImage::busybox(cmd)
-            .with_random_layer(RANDOM_BYTES)
-            .push(
-                &env.ca,
-                env.registry.addr(),
-                &format!("team/gc-{name}"),
-                "v1",
-                &env.pusher,
-            )
+        let pushed = env
+            .push_layered(&format!("team/gc-{name}"), cmd, RANDOM_BYTES)
             .await?;
         let reference = pushed.image.reference();
         let before = tmpfs.use_percent()?;
-        pull(&env, &reference, &secret).await?;
+        env.pull_image(&reference, &secret).await?;
         growth.insert(name, tmpfs.use_percent()? - before);
         references.insert(name, reference);
     }
@@ -251,15 +226,8 @@ async fn gc_and_orders_for_the_same_image_never_race() -> anyhow::Result<()> {
     let secret = env
         .create_secret("reg", env.registry.addr(), &env.user)
         .await?;
-    let pushed = TestImage::busybox(&["echo", "ok"])
-        .with_random_layer(2 << 20)
-        .push(
-            &env.ca,
-            env.registry.addr(),
-            "team/gc-race",
-            "v1",
-            &env.pusher,
-        )
+    let pushed = env
+        .push_layered("team/gc-race", &["echo", "ok"], 2 << 20)
         .await?;
     let image = pushed.image.reference();
 

@@ -1,44 +1,11 @@
 //! Image cleanup: `PruneImages` / `berth image prune` remove images no container references,
 //! oldest first, down to a byte budget, and never an image in use.
 
-use berth::api::pb::{
-    ContainerState, PruneImagesRequest, PullImageRequest, RemoveContainerRequest,
-};
+use berth::api::pb::{ContainerState, PruneImagesRequest, RemoveContainerRequest};
 use serde_json::Value;
 
 use super::{blob_committed, image_names, wait_for_state};
 use crate::harness::env::{start_request, Env, RegistryKind};
-use crate::harness::image::layered::PushedLayered;
-use crate::harness::image::TestImage;
-
-async fn push(
-    env: &Env,
-    repository: &str,
-    cmd: &[&str],
-    random_bytes: usize,
-) -> anyhow::Result<PushedLayered> {
-    TestImage::busybox(cmd)
-        .with_random_layer(random_bytes)
-        .push(&env.ca, env.registry.addr(), repository, "v1", &env.pusher)
-        .await
-}
-
-/// `PullImage` to the end.
-async fn pull(env: &Env, image: &str, secret: &str) -> anyhow::Result<()> {
-    let mut events = env
-        .berthd
-        .agent()
-        .await?
-        .pull_image(PullImageRequest {
-            project: String::new(),
-            image: image.to_owned(),
-            pull_secret: secret.to_owned(),
-        })
-        .await?
-        .into_inner();
-    while events.message().await?.is_some() {}
-    Ok(())
-}
 
 /// `berth --output json image prune [--keep-bytes N]`: (removed, freed_bytes).
 async fn prune_cli(env: &Env, keep_bytes: Option<u64>) -> anyhow::Result<(Vec<String>, u64)> {
@@ -68,9 +35,15 @@ async fn prune_removes_only_images_no_container_uses() -> anyhow::Result<()> {
     let secret = env
         .create_secret("reg", env.registry.addr(), &env.user)
         .await?;
-    let running = push(&env, "team/running", &["sleep", "300"], 2 << 20).await?;
-    let exited = push(&env, "team/exited", &["echo", "done"], 2 << 20).await?;
-    let unused = push(&env, "team/unused", &["echo", "bye"], 3 << 20).await?;
+    let running = env
+        .push_layered("team/running", &["sleep", "300"], 2 << 20)
+        .await?;
+    let exited = env
+        .push_layered("team/exited", &["echo", "done"], 2 << 20)
+        .await?;
+    let unused = env
+        .push_layered("team/unused", &["echo", "bye"], 3 << 20)
+        .await?;
 
     let sleeper = env
         .start_container(start_request(
@@ -150,8 +123,10 @@ async fn prune_with_a_budget_removes_the_oldest_unused_images_first() -> anyhow:
         .await?;
     let mut images = Vec::new();
     for name in ["first", "second", "third"] {
-        let pushed = push(&env, &format!("team/{name}"), &["echo", name], 2 << 20).await?;
-        pull(&env, &pushed.image.reference(), &secret).await?;
+        let pushed = env
+            .push_layered(&format!("team/{name}"), &["echo", name], 2 << 20)
+            .await?;
+        env.pull_image(&pushed.image.reference(), &secret).await?;
         images.push(pushed);
     }
     let [first, second, third] = images.as_slice() else {

@@ -8,8 +8,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use super::{
-    blob_committed, describe_requests, image_names, ingest_offset, FaultEnv, FAST_DEADLINE,
-    FAST_REGISTRY, LAYER_BYTES,
+    blob_committed, image_names, ingest_offset, FaultEnv, FAST_DEADLINE, FAST_REGISTRY, LAYER_BYTES,
 };
 use crate::harness::env::{start_request, RegistryKind};
 use crate::harness::faults::{Fault, Target, Times};
@@ -32,18 +31,12 @@ async fn a_cut_mid_layer_is_resumed_from_where_it_stopped() -> anyhow::Result<()
     let (container, took) = fx.run(&fx.via_proxy(&pushed)).await?;
     assert_eq!(container.image_digest, pushed.image.manifest_digest);
 
-    let gets = fx.proxy.blob_gets(&blob.digest);
-    let log = describe_requests(&fx.proxy);
-    assert_eq!(gets.len(), 2, "one cut GET, one resumed GET:\n{log}");
-    assert_eq!(gets[0].range, None, "{log}");
-    assert_eq!(gets[0].bytes_sent, cut, "{log}");
-    let resumed_from = gets[1].range_start();
-    assert!(
-        resumed_from > 0 && resumed_from <= cut,
-        "the retry must resume from what arrived (<= {cut}), not restart:\n{log}"
-    );
-    assert_eq!(gets[1].status, 206, "{log}");
-    assert_eq!(gets[1].bytes_sent, blob.size - resumed_from, "{log}");
+    let (first, resumed) = fx.proxy.gets_resumed_after(&blob.digest, cut)?;
+    let log = fx.proxy.describe();
+    assert_eq!(first.range, None, "{log}");
+    let resumed_from = resumed.range_start();
+    assert_eq!(resumed.status, 206, "{log}");
+    assert_eq!(resumed.bytes_sent, blob.size - resumed_from, "{log}");
     let fetched = fx.proxy.blob_bytes_sent(&blob.digest);
     assert!(
         fetched * 2 < blob.size * 3,
@@ -54,8 +47,8 @@ async fn a_cut_mid_layer_is_resumed_from_where_it_stopped() -> anyhow::Result<()
         "[measure] cut mid-layer: blob {} B, cut after {cut} B, resumed with Range bytes={resumed_from}-, \
          re-fetched {} B ({:.3} of the blob), total fetched {fetched} B ({:.3}x); order took {took:?}",
         blob.size,
-        gets[1].bytes_sent,
-        gets[1].bytes_sent as f64 / blob.size as f64,
+        resumed.bytes_sent,
+        resumed.bytes_sent as f64 / blob.size as f64,
         fetched as f64 / blob.size as f64,
     );
     Ok(())
@@ -77,7 +70,7 @@ async fn registry_503s_are_retried() -> anyhow::Result<()> {
 
     let (_, took) = fx.run(&fx.via_proxy(&pushed)).await?;
     let gets = fx.proxy.blob_gets(&blob.digest);
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     let statuses: Vec<u16> = gets.iter().map(|get| get.status).collect();
     assert_eq!(statuses, [503, 503, 200], "{log}");
     assert_eq!(fx.proxy.blob_bytes_sent(&blob.digest), blob.size, "{log}");
@@ -115,7 +108,7 @@ async fn a_429_with_retry_after_is_retried() -> anyhow::Result<()> {
 
     let (_, took) = fx.run(&fx.via_proxy(&pushed)).await?;
     let gets = fx.proxy.blob_gets(&blob.digest);
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     let statuses: Vec<u16> = gets.iter().map(|get| get.status).collect();
     assert_eq!(statuses, [429, 429, 200], "{log}");
     let gaps: Vec<Duration> = gets
@@ -142,35 +135,23 @@ async fn a_stalled_layer_is_resumed_after_the_read_timeout() -> anyhow::Result<(
         .await?;
     let blob = pushed.random_layer();
     let stall_at = 2 << 20;
-    fx.proxy.inject(
-        Target::Blob(blob.digest.clone()),
-        Fault::StallAfter {
-            bytes: stall_at,
-            stall: Duration::from_secs(60),
-        },
-        Times::Once,
-    );
+    fx.proxy.stall_blob_once(&blob.digest, stall_at);
 
     let (_, took) = fx.run(&fx.via_proxy(&pushed)).await?;
-    let gets = fx.proxy.blob_gets(&blob.digest);
-    let log = describe_requests(&fx.proxy);
-    assert_eq!(gets.len(), 2, "{log}");
-    assert_eq!(gets[0].bytes_sent, stall_at, "{log}");
-    let resumed_from = gets[1].range_start();
-    assert!(
-        resumed_from > 0 && resumed_from <= stall_at,
-        "the retry after a stall must resume:\n{log}"
-    );
-    let gap = gets[1].arrived.saturating_sub(gets[0].arrived);
+    let (stalled, resumed) = fx.proxy.gets_resumed_after(&blob.digest, stall_at)?;
+    let log = fx.proxy.describe();
+    let gap = resumed.arrived.saturating_sub(stalled.arrived);
     assert!(
         gap >= Duration::from_secs(2),
         "the retry came before the 2 s read timeout ({gap:?}):\n{log}"
     );
     assert!(took < FAST_DEADLINE, "took {took:?}");
     println!(
-        "[measure] stall after {stall_at} B (read timeout 2 s): retry with Range bytes={resumed_from}- \
+        "[measure] stall after {stall_at} B (read timeout 2 s): retry with Range bytes={}- \
          {gap:?} after the first GET; re-fetched {} B of {}; order took {took:?}",
-        gets[1].bytes_sent, blob.size
+        resumed.range_start(),
+        resumed.bytes_sent,
+        blob.size
     );
     Ok(())
 }
@@ -192,7 +173,7 @@ async fn a_stalled_or_cut_manifest_is_asked_for_again() -> anyhow::Result<()> {
         .inject(Target::Manifests, Fault::CutAfter(100), Times::Once);
     let (_, took) = fx.run(&fx.via_proxy(&pushed)).await?;
     let manifests = fx.proxy.requests_to("/manifests/");
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     assert!(manifests.len() >= 3, "{log}");
     assert_eq!(manifests[1].bytes_sent, 100, "{log}");
     assert!(manifests[1].body_len > 100, "{log}");
@@ -257,7 +238,7 @@ async fn a_registry_that_ignores_range_gets_the_blob_fetched_whole() -> anyhow::
     let (container, took) = fx.run(&fx.via_proxy(&pushed)).await?;
     assert_eq!(container.image_digest, pushed.image.manifest_digest);
     let gets = fx.proxy.blob_gets(&blob.digest);
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     assert_eq!(gets.len(), 2, "{log}");
     assert!(
         gets[1].range_start() > 0,
@@ -378,7 +359,7 @@ async fn a_failed_pull_leaves_its_partial_layer_for_the_next_order() -> anyhow::
             .map(|get| (get.range.clone(), get.bytes_sent))
             .collect::<Vec<_>>()
     );
-    assert_eq!(gets.len(), 1, "{}", describe_requests(&fx.proxy));
+    assert_eq!(gets.len(), 1, "{}", fx.proxy.describe());
     assert!(
         gets[0].range_start() > 0,
         "the next order fetched the whole layer again ({} B) instead of resuming the {cut} B \
@@ -480,7 +461,7 @@ async fn unavailable_in_time(
         status.code(),
         Code::Unavailable,
         "{status:?}\n{}",
-        describe_requests(&fx.proxy)
+        fx.proxy.describe()
     );
     assert!(took < FAST_DEADLINE, "gave up after {took:?}");
     let images = image_names(&fx.env).await?;

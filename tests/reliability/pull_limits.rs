@@ -8,7 +8,7 @@ use berth::api::pb::{pull_event, PullImageRequest};
 use futures::future::join_all;
 use tokio::time::Instant;
 
-use super::{describe_requests, metric, with_metrics, FaultEnv};
+use super::{metric, with_metrics, FaultEnv};
 use crate::harness::env::RegistryKind;
 use crate::harness::faults::{Fault, Target, Times};
 use crate::harness::image::layered::PushedLayered;
@@ -98,7 +98,7 @@ async fn pulls_past_the_limit_wait_their_turn_one_after_another() -> anyhow::Res
     }
     let mut windows: Vec<_> = pushed.iter().map(|image| blob_window(&fx, image)).collect();
     windows.sort();
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     for pair in windows.windows(2) {
         assert!(
             pair[0].1 <= pair[1].0,
@@ -244,7 +244,7 @@ async fn a_queued_order_whose_client_leaves_is_dropped_from_the_queue() -> anyho
         "{printed}"
     );
 
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     for gone in ["team/leftpull", "team/leftorder"] {
         assert!(
             fx.proxy.requests_to(gone).is_empty(),

@@ -10,8 +10,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::{
-    blob_committed, describe_requests, image_names, ingest_offset, tasks, wait_for_state, FaultEnv,
-    LAYER_BYTES,
+    blob_committed, image_names, ingest_offset, tasks, wait_for_state, FaultEnv, LAYER_BYTES,
 };
 use crate::harness::env::{start_request, Env, RegistryKind};
 use crate::harness::faults::{Fault, Target, Times};
@@ -60,7 +59,7 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
         },
     )
     .await
-    .map_err(|failure| failure.context(describe_requests(&fx.proxy)))?;
+    .map_err(|failure| failure.context(fx.proxy.describe()))?;
 
     let killed = fx.env.berthd.kill9().await?;
     assert!(!killed.success(), "SIGKILL: {killed:?}");
@@ -98,7 +97,7 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
     let container = fx.env.start_container(request).await?.map_err(|status| {
         anyhow::anyhow!(
             "the order after the restart: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
-            describe_requests(&fx.proxy),
+            fx.proxy.describe(),
             fx.env.berthd.log_tail()
         )
     })?;
@@ -107,7 +106,7 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
     assert_eq!(exited.exit_code, 0);
 
     let gets = fx.proxy.blob_gets(&blob.digest);
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     assert_eq!(gets.len(), 1, "{log}");
     assert_eq!(
         gets[0].range_start(),

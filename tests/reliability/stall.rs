@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::{describe_requests, metric, with_metrics, FaultEnv, LAYER_BYTES};
+use super::{metric, with_metrics, FaultEnv, LAYER_BYTES};
 use crate::harness::env::RegistryKind;
 use crate::harness::faults::{Fault, Target, Times};
 
@@ -25,31 +25,20 @@ async fn a_stalled_blob_is_cut_and_resumed_alone_after_the_stall_timeout() -> an
     let pushed = fx.push("team/stall", &["echo", "ok"], LAYER_BYTES).await?;
     let blob = pushed.random_layer();
     let stall_at = 2 << 20;
-    fx.proxy.inject(
-        Target::Blob(blob.digest.clone()),
-        Fault::StallAfter {
-            bytes: stall_at,
-            stall: Duration::from_secs(60),
-        },
-        Times::Once,
-    );
+    fx.proxy.stall_blob_once(&blob.digest, stall_at);
 
     let (container, took) = fx.run(&fx.via_proxy(&pushed)).await?;
     assert_eq!(container.image_digest, pushed.image.manifest_digest);
-    let log = describe_requests(&fx.proxy);
-    let gets = fx.proxy.blob_gets(&blob.digest);
-    assert_eq!(gets.len(), 2, "one stalled GET, one resumed GET:\n{log}");
-    assert_eq!(gets[0].bytes_sent, stall_at, "{log}");
-    let resumed_from = gets[1].range_start();
-    assert!(
-        resumed_from > 0 && resumed_from <= stall_at,
-        "the retry must resume from what arrived:\n{log}"
+    let (stalled, resumed) = fx.proxy.gets_resumed_after(&blob.digest, stall_at)?;
+    let log = fx.proxy.describe();
+    assert_eq!(resumed.status, 206, "{log}");
+    assert_eq!(
+        resumed.bytes_sent,
+        blob.size - resumed.range_start(),
+        "{log}"
     );
-    assert_eq!(gets[1].status, 206, "{log}");
-    assert_eq!(gets[1].bytes_sent, blob.size - resumed_from, "{log}");
     // Cut once the stall timeout passed after the last byte, then resumed after one backoff.
-    let stalled_at = gets[0].arrived;
-    let gap = gets[1].arrived.saturating_sub(stalled_at);
+    let gap = resumed.arrived.saturating_sub(stalled.arrived);
     assert!(
         gap >= STALL && gap < STALL + Duration::from_millis(1500),
         "resumed {gap:?} after the first GET:\n{log}"
@@ -78,9 +67,11 @@ async fn a_stalled_blob_is_cut_and_resumed_alone_after_the_stall_timeout() -> an
     );
     println!(
         "[measure] stall after {stall_at} B (stall timeout 2 s, read timeout 120 s): cut and \
-         resumed with Range bytes={resumed_from}- {gap:?} after the first GET; re-fetched {} B \
+         resumed with Range bytes={}- {gap:?} after the first GET; re-fetched {} B \
          of {}; order took {took:?}; berth_download_stalls_total {stalls}",
-        gets[1].bytes_sent, blob.size
+        resumed.range_start(),
+        resumed.bytes_sent,
+        blob.size
     );
     Ok(())
 }
@@ -113,7 +104,7 @@ async fn a_trickling_registry_is_not_stalled_and_the_deadline_ends_it() -> anyho
         .await?
         .expect_err("4 bytes a second cannot bring 6 MiB within 6 s");
     let took = started.elapsed();
-    let log = describe_requests(&fx.proxy);
+    let log = fx.proxy.describe();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}\n{log}");
     assert!(
         took >= Duration::from_secs(6) && took < Duration::from_secs(10),

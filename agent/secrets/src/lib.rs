@@ -10,6 +10,7 @@
 //! and [`openbao::OpenbaoStore`] (fleet: OpenBao/Vault KV v2, read on every use, nothing on disk).
 
 mod disk;
+mod fields;
 pub mod file;
 pub mod gar_key;
 pub mod openbao;

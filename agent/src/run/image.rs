@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use oci_client::secrets::RegistryAuth;
 use std::future::Future;
 use tokio::sync::{mpsc, OwnedRwLockReadGuard};
 use tokio_util::sync::CancellationToken;
@@ -13,7 +12,7 @@ use tracing::{info, instrument};
 
 use crate::audit::{AuditAction, AuditSubject};
 use berth_core::order::{ImageRef, Order, PullPolicy};
-use berth_registry::auth::OrderCredential;
+use berth_registry::auth::{OrderCredential, WireAuth};
 use berth_registry::pull::{PullError, PullProgress, PulledImage};
 use berth_secrets::{SecretId, StoredSecret};
 
@@ -295,7 +294,7 @@ impl Runner {
         op: F,
     ) -> Result<T, RunError>
     where
-        F: Fn(RegistryAuth) -> Fut,
+        F: Fn(WireAuth) -> Fut,
         Fut: Future<Output = Result<T, PullError>>,
     {
         let grant = self.grant(subject, secret, image).await?;

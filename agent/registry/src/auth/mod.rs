@@ -12,13 +12,13 @@ mod google;
 mod order_credential;
 mod realm;
 mod token;
+mod wire;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use oci_client::secrets::RegistryAuth;
-use secrecy::{ExposeSecret as _, SecretString};
+use secrecy::SecretString;
 use tokio::time::Instant;
 use tracing::{debug, instrument};
 
@@ -27,6 +27,7 @@ use berth_core::order::ImageRef;
 use berth_secrets::{gar_key, Credential, SecretKind, StoredSecret};
 pub use order_credential::OrderCredential;
 use token::{Endpoint, Token};
+pub use wire::WireAuth;
 
 /// The username that marks the password as an OAuth2 refresh token (ACR; Docker identity tokens).
 pub const REFRESH_TOKEN_USERNAME: &str = "00000000-0000-0000-0000-000000000000";
@@ -125,7 +126,7 @@ pub struct AuthSettings {
 /// cached token is dropped and asked for again, once).
 #[derive(Debug)]
 pub struct Grant {
-    pub auth: RegistryAuth,
+    pub auth: WireAuth,
     pub cached: bool,
 }
 
@@ -138,14 +139,8 @@ struct CacheKey {
 
 #[derive(Debug)]
 struct Cached {
-    auth: CachedAuth,
+    auth: WireAuth,
     expires_at: Instant,
-}
-
-#[derive(Debug)]
-enum CachedAuth {
-    Bearer(SecretString),
-    Basic(String, SecretString),
 }
 
 /// Turns stored credentials into registry authentication, with a token cache.
@@ -237,9 +232,6 @@ impl Authenticator {
         lock(&self.google).remove(secret.meta.id.as_str());
     }
 
-    /// Anonymous access: berth asks the registry's token realm itself, checked like any realm,
-    /// for an anonymous token. Left to oci-client, a hostile registry could make berthd send a
-    /// request to any realm it names (SSRF), since oci-client checks none.
     /// Authentication at `host` (a mirror, or the registry itself) for `repository`, with
     /// `basic` credentials or anonymously, answering `host`'s own challenge after the same realm
     /// checks as every other token request. Not cached: mirrors are tried rarely.
@@ -250,17 +242,15 @@ impl Authenticator {
         repository: &str,
         basic: Option<(&str, &SecretString)>,
         attempts: u32,
-    ) -> Result<RegistryAuth, AuthError> {
+    ) -> Result<WireAuth, AuthError> {
         let challenge =
             berth_core::retry::retry(attempts, AuthError::is_transient, || self.ping(host, plain))
                 .await?;
         let Some(challenge::Challenge::Bearer { realm, service }) = challenge else {
             // No challenge, or Basic: the credential (if any) goes to the host itself.
             return Ok(match basic {
-                Some((username, password)) => {
-                    RegistryAuth::Basic(username.to_owned(), password.expose_secret().to_owned())
-                }
-                None => RegistryAuth::Anonymous,
+                Some((username, password)) => WireAuth::basic(username, password),
+                None => WireAuth::Anonymous,
             });
         };
         let plain_hosts: Vec<String> = if plain {
@@ -290,7 +280,7 @@ impl Authenticator {
                     .await?
             }
         };
-        Ok(RegistryAuth::Bearer(token.value.expose_secret().to_owned()))
+        Ok(WireAuth::Bearer(token.value))
     }
 
     /// The token realm `host` (the registry, or a mirror) names in its challenge, after the
@@ -311,6 +301,9 @@ impl Authenticator {
         }
     }
 
+    /// Anonymous access: berth asks the registry's token realm itself, checked like any realm,
+    /// for an anonymous token, so a hostile registry cannot make berthd send a request to any
+    /// realm it names (SSRF).
     async fn anonymous(&self, image: &ImageRef) -> Result<Grant, AuthError> {
         let registry = image.registry();
         let auth = match self.challenge(registry).await? {
@@ -327,9 +320,9 @@ impl Authenticator {
                 let token = endpoint
                     .get_anonymous(&self.http, service.as_deref(), &scope)
                     .await?;
-                RegistryAuth::Bearer(token.value.expose_secret().to_owned())
+                WireAuth::Bearer(token.value)
             }
-            Some(challenge::Challenge::Basic) | None => RegistryAuth::Anonymous,
+            Some(challenge::Challenge::Basic) | None => WireAuth::Anonymous,
         };
         Ok(Grant {
             auth,
@@ -341,7 +334,7 @@ impl Authenticator {
         &self,
         secret: &StoredSecret,
         image: &ImageRef,
-    ) -> Result<(CachedAuth, Duration), AuthError> {
+    ) -> Result<(WireAuth, Duration), AuthError> {
         let registry = image.registry();
         let secret_id = secret.meta.id.to_string();
         let challenge = self.challenge(registry).await?;
@@ -363,13 +356,13 @@ impl Authenticator {
         let Some(challenge) = challenge else {
             // The registry asks for nothing: present the credential as Basic anyway.
             return Ok((
-                CachedAuth::Basic(username, password),
+                WireAuth::Basic { username, password },
                 Duration::from_secs(300),
             ));
         };
         match challenge {
             challenge::Challenge::Basic => Ok((
-                CachedAuth::Basic(username, password),
+                WireAuth::Basic { username, password },
                 Duration::from_secs(300),
             )),
             challenge::Challenge::Bearer { realm, service } => {
@@ -406,7 +399,7 @@ impl Authenticator {
                     lifetime_seconds = token.lifetime.as_secs(),
                     "registry token issued"
                 );
-                Ok((CachedAuth::Bearer(token.value), token.lifetime))
+                Ok((WireAuth::Bearer(token.value), token.lifetime))
             }
         }
     }
@@ -489,7 +482,7 @@ impl Authenticator {
         json: &SecretString,
         image: &ImageRef,
     ) -> Result<SecretString, AuthError> {
-        if let Some(CachedAuth::Bearer(token)) = lookup_raw(&self.google, secret_id) {
+        if let Some(WireAuth::Bearer(token)) = lookup(&self.google, secret_id) {
             return Ok(token);
         }
         let key = gar_key::parse(json).map_err(|source| AuthError::Key {
@@ -512,7 +505,7 @@ impl Authenticator {
         lock(&self.google).insert(
             secret_id.to_owned(),
             Cached {
-                auth: CachedAuth::Bearer(token.value),
+                auth: WireAuth::Bearer(token.value),
                 expires_at: expiry(token.lifetime),
             },
         );
@@ -531,28 +524,25 @@ fn expiry(lifetime: Duration) -> Instant {
     Instant::now() + lifetime.saturating_sub(margin)
 }
 
-fn lookup(map: &Mutex<HashMap<CacheKey, Cached>>, key: &CacheKey) -> Option<RegistryAuth> {
+/// A live cache entry (expired ones are dropped on the way), cloned: the secret stays a
+/// `SecretString` in both copies.
+fn lookup<K, Q>(map: &Mutex<HashMap<K, Cached>>, key: &Q) -> Option<WireAuth>
+where
+    K: std::borrow::Borrow<Q> + Eq + std::hash::Hash,
+    Q: Eq + std::hash::Hash + ?Sized,
+{
     let mut map = lock(map);
     map.retain(|_, cached| cached.expires_at > Instant::now());
-    map.get(key).map(|cached| to_registry_auth(&cached.auth))
-}
-
-fn lookup_raw(map: &Mutex<HashMap<String, Cached>>, key: &str) -> Option<CachedAuth> {
-    let mut map = lock(map);
-    map.retain(|_, cached| cached.expires_at > Instant::now());
-    map.get(key).map(|cached| match &cached.auth {
-        CachedAuth::Bearer(token) => CachedAuth::Bearer(token.clone()),
-        CachedAuth::Basic(user, password) => CachedAuth::Basic(user.clone(), password.clone()),
-    })
+    map.get(key).map(|cached| cached.auth.clone())
 }
 
 fn store(
     map: &Mutex<HashMap<CacheKey, Cached>>,
     key: CacheKey,
-    auth: CachedAuth,
+    auth: WireAuth,
     lifetime: Duration,
-) -> RegistryAuth {
-    let result = to_registry_auth(&auth);
+) -> WireAuth {
+    let result = auth.clone();
     lock(map).insert(
         key,
         Cached {
@@ -563,18 +553,10 @@ fn store(
     result
 }
 
-/// oci-client takes plain strings; the copy lives as long as the pull's client.
-fn to_registry_auth(auth: &CachedAuth) -> RegistryAuth {
-    match auth {
-        CachedAuth::Bearer(token) => RegistryAuth::Bearer(token.expose_secret().to_owned()),
-        CachedAuth::Basic(username, password) => {
-            RegistryAuth::Basic(username.clone(), password.expose_secret().to_owned())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
     use super::*;
 
     fn key() -> CacheKey {
@@ -591,11 +573,13 @@ mod tests {
         store(
             &map,
             key(),
-            CachedAuth::Bearer(SecretString::from("t")),
+            WireAuth::Bearer(SecretString::from("t")),
             Duration::from_secs(300),
         );
         tokio::time::advance(Duration::from_secs(269)).await;
-        assert!(matches!(lookup(&map, &key()), Some(RegistryAuth::Bearer(t)) if t == "t"));
+        assert!(
+            matches!(lookup(&map, &key()), Some(WireAuth::Bearer(t)) if t.expose_secret() == "t")
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(
             lookup(&map, &key()).is_none(),
@@ -605,7 +589,7 @@ mod tests {
         store(
             &map,
             key(),
-            CachedAuth::Bearer(SecretString::from("t")),
+            WireAuth::Bearer(SecretString::from("t")),
             Duration::from_secs(60),
         );
         tokio::time::advance(Duration::from_secs(53)).await;
@@ -619,7 +603,7 @@ mod tests {
 
     #[test]
     fn cached_auth_debug_is_redacted() {
-        let auth = CachedAuth::Basic("u".into(), SecretString::from("zzpasszz"));
+        let auth = WireAuth::basic("u", &SecretString::from("zzpasszz"));
         assert!(!format!("{auth:?}").contains("zzpasszz"));
     }
 }

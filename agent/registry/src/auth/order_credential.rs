@@ -1,10 +1,7 @@
 //! An order's pull secret as the puller carries it. Only `auth` looks inside: the puller asks
 //! it what each endpoint may be sent, and never sees a username, a password or a key.
 
-use oci_client::secrets::RegistryAuth;
-use secrecy::ExposeSecret as _;
-
-use super::REFRESH_TOKEN_USERNAME;
+use super::{WireAuth, REFRESH_TOKEN_USERNAME};
 use berth_secrets::{Credential, SecretKind, StoredSecret};
 
 /// The order's secret, if it has one, sealed for the puller.
@@ -36,25 +33,26 @@ impl<'a> OrderCredential<'a> {
     /// What a mirror is sent, and the id of the secret that goes with it: anonymous unless the
     /// mirror's entry says `credentials = true` and the secret holds a username and password
     /// (Docker, ACR service principal; not refresh tokens, not GAR keys).
-    pub fn for_mirror(&self, credentials: bool) -> (RegistryAuth, Option<String>) {
+    pub fn for_mirror(&self, credentials: bool) -> (WireAuth, Option<String>) {
         if !credentials {
-            return (RegistryAuth::Anonymous, None);
+            return (WireAuth::Anonymous, None);
         }
         match self.0.map(|secret| (secret.meta.kind, &secret.credential)) {
             Some((
                 SecretKind::Docker | SecretKind::Acr,
                 Credential::UsernamePassword { username, password },
-            )) if username != REFRESH_TOKEN_USERNAME => (
-                RegistryAuth::Basic(username.clone(), password.expose_secret().to_owned()),
-                self.secret_id(),
-            ),
-            Some(_) | None => (RegistryAuth::Anonymous, None),
+            )) if username != REFRESH_TOKEN_USERNAME => {
+                (WireAuth::basic(username, password), self.secret_id())
+            }
+            Some(_) | None => (WireAuth::Anonymous, None),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
     use super::*;
     use berth_secrets::{SecretId, SecretMeta};
 
@@ -80,21 +78,21 @@ mod tests {
         let docker = secret(SecretKind::Docker, "u");
         assert!(matches!(
             OrderCredential::new(Some(&docker)).for_mirror(true),
-            (RegistryAuth::Basic(user, password), Some(id))
-                if user == "u" && password == "zzpasszz" && id == "secret-abc"
+            (WireAuth::Basic { username, password }, Some(id))
+                if username == "u" && password.expose_secret() == "zzpasszz" && id == "secret-abc"
         ));
         assert!(matches!(
             OrderCredential::new(Some(&docker)).for_mirror(false),
-            (RegistryAuth::Anonymous, None)
+            (WireAuth::Anonymous, None)
         ));
         let refresh = secret(SecretKind::Acr, REFRESH_TOKEN_USERNAME);
         assert!(matches!(
             OrderCredential::new(Some(&refresh)).for_mirror(true),
-            (RegistryAuth::Anonymous, None)
+            (WireAuth::Anonymous, None)
         ));
         assert!(matches!(
             OrderCredential::new(None).for_mirror(true),
-            (RegistryAuth::Anonymous, None)
+            (WireAuth::Anonymous, None)
         ));
     }
 

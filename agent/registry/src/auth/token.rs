@@ -101,10 +101,10 @@ impl Endpoint<'_> {
         if let Some(service) = service {
             query.push(("service", service));
         }
-        let request = http
-            .get(self.url.clone())
-            .query(&query)
-            .basic_auth(username, Some(password.expose_secret()));
+        let request = http.get(self.url.clone()).query(&query).header(
+            reqwest::header::AUTHORIZATION,
+            super::wire::basic_header(username, password),
+        );
         self.send(request).await
     }
 
@@ -196,12 +196,18 @@ impl Endpoint<'_> {
 }
 
 /// `token` and/or `access_token`; `expires_in` defaults to 60 s and is never taken below it.
+/// A token that could not be written into an `Authorization` header (empty, or with control
+/// or non-ASCII bytes) counts as none.
 pub(super) fn parse_response(body: &[u8]) -> Option<Token> {
     let response: Response = serde_json::from_slice(body).ok()?;
+    let usable = |token: &SecretString| {
+        let token = token.expose_secret();
+        !token.is_empty() && token.bytes().all(|byte| (0x20..0x7f).contains(&byte))
+    };
     let value = response
         .access_token
-        .filter(|t| !t.expose_secret().is_empty())
-        .or(response.token.filter(|t| !t.expose_secret().is_empty()))?;
+        .filter(usable)
+        .or(response.token.filter(usable))?;
     let lifetime = response
         .expires_in
         .map(Duration::from_secs)
@@ -226,6 +232,8 @@ mod tests {
         assert_eq!(t.lifetime, DEFAULT_LIFETIME, "never below 60 s");
         assert!(parse_response(br#"{"expires_in":5}"#).is_none());
         assert!(parse_response(br#"{"token":""}"#).is_none());
+        assert!(parse_response(br#"{"token":"a\nb"}"#).is_none());
+        assert!(parse_response(br#"{"token":"a\nb","access_token":"d"}"#).is_some());
         assert!(parse_response(b"<html>").is_none());
         assert!(
             !format!("{:?}", parse_response(br#"{"token":"zzsecretzz"}"#)).contains("zzsecretzz")

@@ -1,15 +1,13 @@
 //! Images already in containerd: loading a pulled image for an order, and checking its
 //! signature and a new credential's access to it again.
 
-use oci_client::secrets::RegistryAuth;
-
 use super::manifest::{self, Parsed};
 use super::signature::{SignatureStatus, Subject};
 use super::{
     retry, PullError, PulledImage, Puller, LABEL_LAST_USED, LABEL_MANIFEST, LABEL_PRIVATE,
     MAX_DOCUMENT,
 };
-
+use crate::auth::WireAuth;
 use berth_core::order::ImageRef;
 use berth_runtime::containerd::ContainerdError;
 
@@ -129,7 +127,7 @@ impl Puller {
         image: &ImageRef,
         project: &str,
         pulled: &PulledImage,
-        auth: RegistryAuth,
+        auth: WireAuth,
         secret_id: Option<&str>,
     ) -> Result<SignatureStatus, PullError> {
         let work = async {
@@ -163,7 +161,7 @@ impl Puller {
     pub async fn check_access(
         &self,
         image: &ImageRef,
-        auth: RegistryAuth,
+        auth: WireAuth,
         secret_id: Option<&str>,
     ) -> Result<(), PullError> {
         let work = async {

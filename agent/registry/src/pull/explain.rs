@@ -3,13 +3,11 @@
 //! signature policy checked. Nothing is fetched beyond manifests and signatures, nothing
 //! written.
 
-use oci_client::secrets::RegistryAuth;
-
 use super::mirror::falls_back;
 use super::registry::Session;
 use super::signature::Subject;
 use super::{resolve_manifest, retry, PullError, Puller};
-use crate::auth::OrderCredential;
+use crate::auth::{OrderCredential, WireAuth};
 use berth_core::order::ImageRef;
 
 /// Where and what a pull would resolve to.
@@ -80,7 +78,7 @@ impl Puller {
         &self,
         image: &ImageRef,
         project: &str,
-        auth: RegistryAuth,
+        auth: WireAuth,
         secret_id: Option<&str>,
     ) -> Result<Resolution, PullError> {
         let attempts = self.settings.retries;

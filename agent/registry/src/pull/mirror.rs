@@ -32,13 +32,12 @@
 use std::future::Future;
 use std::time::Duration;
 
-use oci_client::secrets::RegistryAuth;
 use tokio::sync::mpsc;
 use tracing::{debug, info, instrument, warn};
 
 use super::registry::Session;
 use super::{InFlight, Privacy, PullError, PullProgress, PulledImage, Puller, UncountedPull};
-use crate::auth::OrderCredential;
+use crate::auth::{OrderCredential, WireAuth};
 use berth_core::host::Mirror;
 use berth_core::metrics::MirrorLabels;
 use berth_core::metrics::PullLabels;
@@ -233,7 +232,7 @@ impl Puller {
                 &self.http,
                 &self.authenticator,
                 image,
-                RegistryAuth::Anonymous,
+                WireAuth::Anonymous,
                 None,
             )
             .await?;

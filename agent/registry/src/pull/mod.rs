@@ -23,11 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use oci_client::secrets::RegistryAuth;
 use tokio::sync::mpsc;
 use tracing::{info, instrument};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, WireAuth};
 use berth_core::locks::KeyedLocks;
 use berth_core::metrics::{PullLabels, SharedMetrics};
 use berth_core::order::ImageRef;
@@ -216,7 +215,7 @@ impl Puller {
     async fn open_session(
         &self,
         image: &ImageRef,
-        auth: &RegistryAuth,
+        auth: &WireAuth,
         secret_id: Option<&str>,
     ) -> Result<Session, PullError> {
         retry(self.settings.retries, || {
@@ -238,7 +237,7 @@ impl Puller {
         &self,
         image: &ImageRef,
         project: &str,
-        auth: RegistryAuth,
+        auth: WireAuth,
         secret_id: Option<&str>,
         progress: Option<mpsc::Sender<PullProgress>>,
     ) -> Result<PulledImage, PullError> {

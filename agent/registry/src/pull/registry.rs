@@ -1,24 +1,20 @@
-//! The distribution protocol: oci-client answers the registry's challenge once per pull; berth
+//! The distribution protocol: `auth` answers the registry's challenge once per pull; berth
 //! then fetches manifests (capped at 4 MiB, digest-checked) and streams blobs itself, so that
 //! it controls redirects (never https -> http, never Authorization to another host).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt as _, TryStreamExt as _};
-use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
-
-use secrecy::{ExposeSecret as _, SecretString};
 use sha2::{Digest as _, Sha256};
 
 use super::manifest::{self, Descriptor};
 use super::verify::Mismatch;
 use super::PullError;
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, WireAuth};
 use berth_core::order::ImageRef;
 
 /// Registry settings shared by every pull, from `[registry]`.
@@ -109,8 +105,8 @@ pub struct Session {
     http: reqwest::Client,
     /// `<scheme>://<host>/v2/<repository>`
     base: String,
-    /// The Authorization header value (Bearer token or Basic), if any.
-    authorization: Option<Arc<SecretString>>,
+    /// What each request is authorized with; it becomes a header only as a request is built.
+    auth: Arc<WireAuth>,
     image: ImageRef,
     /// The host spoken to, named in errors: the image's registry, or a mirror of it.
     host: Arc<str>,
@@ -129,15 +125,14 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// Authenticates to the registry of `image` through oci-client's challenge handling
-    /// (a Bearer grant is used as is; Basic goes to the registry or its token realm, as the
+    /// Authenticates to the registry of `image` as its challenge asks (a Bearer grant is used as is; Basic goes to the registry or its token realm, as the
     /// registry's challenge decides; anonymous gets an anonymous token where one is needed).
     pub async fn open(
         settings: &RegistrySettings,
         http: &reqwest::Client,
         authenticator: &Authenticator,
         image: &ImageRef,
-        auth: RegistryAuth,
+        auth: WireAuth,
         secret_id: Option<&str>,
     ) -> Result<Self, PullError> {
         let plain_http = settings
@@ -168,7 +163,7 @@ impl Session {
         authenticator: &Authenticator,
         image: &ImageRef,
         endpoint: &berth_core::host::Endpoint,
-        auth: RegistryAuth,
+        auth: WireAuth,
         secret_id: Option<&str>,
     ) -> Result<Self, PullError> {
         let target = Target {
@@ -189,7 +184,7 @@ impl Session {
         authenticator: &Authenticator,
         image: &ImageRef,
         target: Target,
-        auth: RegistryAuth,
+        auth: WireAuth,
         secret_id: Option<&str>,
         attempts: u32,
     ) -> Result<Self, PullError> {
@@ -198,7 +193,7 @@ impl Session {
         let mut session = Self {
             http: http.clone(),
             base: format!("{scheme}://{registry}/v2/{}", target.reference.repository()),
-            authorization: None,
+            auth: Arc::default(),
             image: image.clone(),
             host: Arc::from(target.host.as_str()),
             secret_id: secret_id.map(Arc::from),
@@ -206,23 +201,20 @@ impl Session {
         let own_registry = target.host == image.registry();
         let auth = match auth {
             // The Authenticator's answer to this registry's challenge (its realm checked).
-            RegistryAuth::Bearer(_) | RegistryAuth::Basic(..) if own_registry => auth,
+            WireAuth::Bearer(_) | WireAuth::Basic { .. } if own_registry => auth,
             // A mirror, or an anonymous request: answer that host's own challenge, after the
             // same realm checks.
-            RegistryAuth::Basic(username, password) => {
-                let password = SecretString::from(password);
-                authenticator
-                    .grant_at(
-                        &target.host,
-                        target.plain_http,
-                        target.reference.repository(),
-                        Some((&username, &password)),
-                        attempts,
-                    )
-                    .await
-                    .map_err(PullError::Auth)?
-            }
-            RegistryAuth::Anonymous => authenticator
+            WireAuth::Basic { username, password } => authenticator
+                .grant_at(
+                    &target.host,
+                    target.plain_http,
+                    target.reference.repository(),
+                    Some((&username, &password)),
+                    attempts,
+                )
+                .await
+                .map_err(PullError::Auth)?,
+            WireAuth::Anonymous => authenticator
                 .grant_at(
                     &target.host,
                     target.plain_http,
@@ -232,26 +224,21 @@ impl Session {
                 )
                 .await
                 .map_err(PullError::Auth)?,
-            RegistryAuth::Bearer(token) => RegistryAuth::Bearer(token),
+            WireAuth::Bearer(token) => WireAuth::Bearer(token),
         };
-        session.authorization = match auth {
-            RegistryAuth::Bearer(token) => {
-                Some(Arc::new(SecretString::from(format!("Bearer {token}"))))
-            }
-            RegistryAuth::Basic(username, password) => {
-                let encoded = base64::engine::general_purpose::STANDARD
-                    .encode(format!("{username}:{password}"));
-                Some(Arc::new(SecretString::from(format!("Basic {encoded}"))))
-            }
-            RegistryAuth::Anonymous => None,
-        };
+        session.auth = Arc::new(auth);
         Ok(session)
     }
 
     fn get(&self, url: &str) -> reqwest::RequestBuilder {
-        let request = self.http.get(url);
-        match &self.authorization {
-            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.expose_secret()),
+        self.authorize(self.http.get(url))
+    }
+
+    /// Adds the session's Authorization header (sensitive), if it has one. reqwest drops it on
+    /// a redirect to another host or port.
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.auth.header() {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value),
             None => request,
         }
     }
@@ -314,14 +301,8 @@ impl Session {
     /// which Docker Hub does not count against its pull limit).
     pub async fn head_manifest(&self, digest: &str) -> Result<(), PullError> {
         let url = format!("{}/manifests/{digest}", self.base);
-        let request = match &self.authorization {
-            Some(value) => self
-                .http
-                .head(&url)
-                .header(reqwest::header::AUTHORIZATION, value.expose_secret()),
-            None => self.http.head(&url),
-        };
-        let response = request
+        let response = self
+            .authorize(self.http.head(&url))
             .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "))
             .send()
             .await
@@ -495,5 +476,122 @@ impl Session {
             reference.repository().to_owned(),
             digest.to_owned(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::extract::State;
+    use axum::http::{HeaderMap, Uri};
+    use axum::response::{IntoResponse, Redirect, Response};
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::auth::AuthSettings;
+
+    /// What a fake server saw: (path, Authorization header) per request.
+    type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+    /// A loopback HTTP server that records each request and answers with `answer(path)`.
+    async fn server(
+        answer: impl Fn(&str) -> Response + Clone + Send + Sync + 'static,
+    ) -> (String, Seen) {
+        let seen = Seen::default();
+        let app = axum::Router::new()
+            .fallback(
+                move |State(seen): State<Seen>, uri: Uri, headers: HeaderMap| async move {
+                    let authorization = headers
+                        .get(reqwest::header::AUTHORIZATION)
+                        .map(|value| value.to_str().unwrap().to_owned());
+                    seen.lock()
+                        .unwrap()
+                        .push((uri.path().to_owned(), authorization));
+                    answer(uri.path())
+                },
+            )
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, seen)
+    }
+
+    fn settings(plain_http: Vec<String>) -> RegistrySettings {
+        RegistrySettings {
+            plain_http,
+            ca_pems: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            max_concurrent_downloads: 1,
+            retries: 1,
+            stall_timeout: None,
+            max_bytes_per_second: 0,
+            mirrors: Vec::new(),
+        }
+    }
+
+    const BLOB: &[u8] = b"blob";
+
+    /// The order's own registry gets the credential; the storage host it redirects a blob to
+    /// (another port, so another origin) gets no Authorization header.
+    #[tokio::test]
+    async fn a_blob_redirect_to_another_host_carries_no_credential() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (storage, storage_seen) = server(|_| BLOB.into_response()).await;
+        let storage_url = format!("http://{storage}/blob");
+        let (registry, registry_seen) = server(move |path| {
+            if path.contains("/blobs/") {
+                Redirect::temporary(&storage_url).into_response()
+            } else {
+                reqwest::StatusCode::NOT_FOUND.into_response()
+            }
+        })
+        .await;
+
+        let settings = settings(vec![registry.clone()]);
+        let http = settings.http_client().unwrap();
+        let authenticator = Authenticator::new(
+            &AuthSettings {
+                plain_http: settings.plain_http.clone(),
+                ca_pems: Vec::new(),
+                connect_timeout: Duration::from_secs(5),
+                read_timeout: Duration::from_secs(5),
+                retries: 1,
+            },
+            berth_core::metrics::SharedMetrics::default(),
+        )
+        .unwrap();
+        let image = ImageRef::parse(&format!("{registry}/team/app:1")).unwrap();
+        let session = Session::open(
+            &settings,
+            &http,
+            &authenticator,
+            &image,
+            WireAuth::Bearer(SecretString::from("zztokenzz")),
+            Some("secret-abc"),
+        )
+        .await
+        .unwrap();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(BLOB)));
+        let desc = Descriptor {
+            media_type: String::new(),
+            digest,
+            size: BLOB.len() as u64,
+            urls: None,
+            platform: None,
+        };
+        let (stream, from_offset) = session.blob(&desc, 0).await.unwrap();
+        let body: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert!(from_offset);
+        assert_eq!(body.concat(), BLOB);
+
+        let registry_seen = registry_seen.lock().unwrap().clone();
+        assert_eq!(registry_seen.len(), 1);
+        assert_eq!(registry_seen[0].1.as_deref(), Some("Bearer zztokenzz"));
+        let storage_seen = storage_seen.lock().unwrap().clone();
+        assert_eq!(storage_seen, vec![("/blob".to_owned(), None)]);
+        assert!(!format!("{session:?}").contains("zztokenzz"));
     }
 }

@@ -26,17 +26,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
 use reqwest::{Method, StatusCode};
-use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use self::client::Client;
 pub use self::session::Login;
 use self::transport::Answer;
+use super::fields::{self, FieldsIn, FieldsOut, Reading};
 use super::{
-    is_secret_name, normalize_server, validate_credential, Credential, NewSecret, SecretError,
-    SecretId, SecretKind, SecretMeta, StoredSecret,
+    is_secret_name, normalize_server, validate_credential, NewSecret, SecretError, SecretId,
+    SecretKind, SecretMeta, StoredSecret,
 };
 
 /// How many secrets `list` reads at once.
@@ -276,14 +276,7 @@ fn list_method() -> Method {
 /// The KV v2 write body: `{"options":{"cas":0},"data":{...}}`, in a zeroized buffer that the
 /// request body owns (dropped, and zeroized, with the last copy of the request).
 fn write_body(new: &NewSecret, created_secs: u64) -> Result<Bytes, SecretError> {
-    let (username, password, json_key) = match &new.credential {
-        Credential::UsernamePassword { username, password } => (
-            Some(username.as_str()),
-            Some(password.expose_secret()),
-            None,
-        ),
-        Credential::JsonKey(json_key) => (None, None, Some(json_key.expose_secret())),
-    };
+    let credential = FieldsOut::new(&new.credential);
     let created_at = created_secs.to_string();
     let body = WriteBody {
         options: WriteOptions { cas: 0 },
@@ -292,24 +285,10 @@ fn write_body(new: &NewSecret, created_secs: u64) -> Result<Bytes, SecretError> 
             server: &new.server,
             name: &new.name,
             created_at: &created_at,
-            username,
-            password,
-            json_key,
+            credential: &credential,
         },
     };
-    // JSON escaping grows a string at most six-fold; reserving that up front means the buffer
-    // never reallocates, so no unzeroized copy of the material is left behind.
-    let material_len: usize = [username, password, json_key]
-        .iter()
-        .flatten()
-        .map(|value| value.len())
-        .sum();
-    let capacity = 6 * (material_len + new.name.len() + new.server.len()) + 256;
-    let mut buffer = Zeroizing::new(Vec::with_capacity(capacity));
-    serde_json::to_writer(&mut *buffer, &body).map_err(|_| SecretError::Invalid {
-        field: "credential",
-        reason: "cannot be encoded",
-    })?;
+    let buffer = fields::encode(&body, &credential, new.name.len() + new.server.len())?;
     Ok(Bytes::from_owner(buffer))
 }
 
@@ -332,12 +311,8 @@ struct DocumentOut<'a> {
     server: &'a str,
     name: &'a str,
     created_at: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    username: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    password: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    json_key: Option<&'a str>,
+    #[serde(flatten)]
+    credential: &'a FieldsOut<'a>,
 }
 
 /// `GET <mount>/data/...`: `{"data": {"data": {...}, "metadata": {...}}}`.
@@ -421,33 +396,15 @@ fn parse_secret(project: &str, id: &SecretId, body: &[u8]) -> Result<StoredSecre
         .and_then(|server| {
             normalize_server(server).map_err(|_| malformed("field server is not host[:port]"))
         })?;
-    let credential = match kind {
-        SecretKind::Docker | SecretKind::Acr => {
-            match (document.username.take(), document.password.take()) {
-                (Some(mut username), Some(mut password)) => {
-                    // `echo "$PW" | bao kv put ... password=-` keeps echo's newline; drop one,
-                    // as `berth secret ... --password-stdin` does.
-                    strip_one_newline(&mut username);
-                    strip_one_newline(&mut password);
-                    Credential::UsernamePassword {
-                        username,
-                        password: SecretString::from(password),
-                    }
-                }
-                (mut username, mut password) => {
-                    username.zeroize();
-                    password.zeroize();
-                    return Err(malformed(
-                        "docker and acr secrets need fields username and password",
-                    ));
-                }
-            }
-        }
-        SecretKind::Gar => match document.json_key.take() {
-            Some(json_key) => Credential::JsonKey(SecretString::from(json_key)),
-            None => return Err(malformed("gar secrets need field json_key")),
-        },
-    };
+    // Lenient: `echo "$PW" | bao kv put ... password=-` keeps echo's newline, and a control
+    // plane may keep fields of its own beside berth's.
+    let credential = FieldsIn {
+        username: document.username.take(),
+        password: document.password.take(),
+        json_key: document.json_key.take(),
+    }
+    .into_credential(kind, Reading::Lenient)
+    .map_err(malformed)?;
     validate_credential(kind, &credential).map_err(|err| match err {
         SecretError::Invalid { reason, .. } => malformed(reason),
         _ => malformed("the credential is not usable"),
@@ -472,15 +429,6 @@ fn parse_secret(project: &str, id: &SecretId, body: &[u8]) -> Result<StoredSecre
         created_at: UNIX_EPOCH + Duration::from_secs(created_secs),
     };
     Ok(StoredSecret { meta, credential })
-}
-
-/// Drops one trailing `\n` (or `\r\n`); truncating keeps the buffer, so nothing is copied.
-fn strip_one_newline(value: &mut String) {
-    if value.ends_with("\r\n") {
-        value.truncate(value.len() - 2);
-    } else if value.ends_with('\n') {
-        value.truncate(value.len() - 1);
-    }
 }
 
 /// `"1767225600"` or `1767225600`.
