@@ -104,7 +104,7 @@ impl ImageRef {
         &self.0
     }
 
-    /// The registry host[:port] as named in the reference (`docker.io` for Docker Hub).
+    /// The registry `host[:port]` as named in the reference (`docker.io` for Docker Hub).
     pub fn registry(&self) -> &str {
         self.0.registry()
     }

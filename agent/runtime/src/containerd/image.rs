@@ -376,7 +376,7 @@ impl Containerd {
     }
 }
 
-/// OCI chain ids: chain[0] = diff[0]; chain[i] = sha256(chain[i-1] + " " + diff[i]).
+/// OCI chain ids: `chain[0] = diff[0]`; `chain[i] = sha256(chain[i-1] + " " + diff[i])`.
 pub fn chain_ids(diff_ids: &[&str]) -> Vec<String> {
     let mut chain: Vec<String> = Vec::with_capacity(diff_ids.len());
     for diff_id in diff_ids {

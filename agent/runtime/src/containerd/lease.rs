@@ -12,7 +12,7 @@ use rand::Rng as _;
 use super::{Containerd, ContainerdError};
 
 /// A lease held for one pull or one container creation. It carries a `gc.expire` label, so a
-/// crashed agent's lease does not pin data forever; [`Lease::release`] ends it.
+/// crashed agent's lease does not pin data forever; `Containerd::release` ends it.
 #[derive(Debug)]
 pub struct Lease {
     id: String,
