@@ -27,6 +27,7 @@ use berth_core::order::ImageRef;
 use berth_secrets::{gar_key, Credential, SecretKind, StoredSecret};
 pub use order_credential::OrderCredential;
 use token::{Endpoint, Token};
+use wire::Wire;
 pub use wire::WireAuth;
 
 /// The username that marks the password as an OAuth2 refresh token (ACR; Docker identity tokens).
@@ -232,6 +233,36 @@ impl Authenticator {
         lock(&self.google).remove(secret.meta.id.as_str());
     }
 
+    /// What a session with `host` sends for `repository`. `auth` is the order's grant for its
+    /// own registry (kept as it is when `host` is that registry), or what a mirror may be sent:
+    /// Basic credentials are exchanged at that host's own challenge, and an anonymous session
+    /// answers it too (both after the realm checks).
+    pub async fn session_auth(
+        &self,
+        auth: WireAuth,
+        own_registry: bool,
+        host: &str,
+        plain: bool,
+        repository: &str,
+        attempts: u32,
+    ) -> Result<WireAuth, AuthError> {
+        match auth.0 {
+            Wire::Bearer(_) | Wire::Basic { .. } if own_registry => Ok(auth),
+            Wire::Basic { username, password } => {
+                self.grant_at(
+                    host,
+                    plain,
+                    repository,
+                    Some((&username, &password)),
+                    attempts,
+                )
+                .await
+            }
+            Wire::Anonymous => self.grant_at(host, plain, repository, None, attempts).await,
+            Wire::Bearer(token) => Ok(WireAuth::bearer(token)),
+        }
+    }
+
     /// Authentication at `host` (a mirror, or the registry itself) for `repository`, with
     /// `basic` credentials or anonymously, answering `host`'s own challenge after the same realm
     /// checks as every other token request. Not cached: mirrors are tried rarely.
@@ -250,7 +281,7 @@ impl Authenticator {
             // No challenge, or Basic: the credential (if any) goes to the host itself.
             return Ok(match basic {
                 Some((username, password)) => WireAuth::basic(username, password),
-                None => WireAuth::Anonymous,
+                None => WireAuth::anonymous(),
             });
         };
         let plain_hosts: Vec<String> = if plain {
@@ -280,7 +311,7 @@ impl Authenticator {
                     .await?
             }
         };
-        Ok(WireAuth::Bearer(token.value))
+        Ok(WireAuth::bearer(token.value))
     }
 
     /// The token realm `host` (the registry, or a mirror) names in its challenge, after the
@@ -320,9 +351,9 @@ impl Authenticator {
                 let token = endpoint
                     .get_anonymous(&self.http, service.as_deref(), &scope)
                     .await?;
-                WireAuth::Bearer(token.value)
+                WireAuth::bearer(token.value)
             }
-            Some(challenge::Challenge::Basic) | None => WireAuth::Anonymous,
+            Some(challenge::Challenge::Basic) | None => WireAuth::anonymous(),
         };
         Ok(Grant {
             auth,
@@ -356,13 +387,13 @@ impl Authenticator {
         let Some(challenge) = challenge else {
             // The registry asks for nothing: present the credential as Basic anyway.
             return Ok((
-                WireAuth::Basic { username, password },
+                WireAuth(Wire::Basic { username, password }),
                 Duration::from_secs(300),
             ));
         };
         match challenge {
             challenge::Challenge::Basic => Ok((
-                WireAuth::Basic { username, password },
+                WireAuth(Wire::Basic { username, password }),
                 Duration::from_secs(300),
             )),
             challenge::Challenge::Bearer { realm, service } => {
@@ -399,7 +430,7 @@ impl Authenticator {
                     lifetime_seconds = token.lifetime.as_secs(),
                     "registry token issued"
                 );
-                Ok((WireAuth::Bearer(token.value), token.lifetime))
+                Ok((WireAuth::bearer(token.value), token.lifetime))
             }
         }
     }
@@ -482,7 +513,7 @@ impl Authenticator {
         json: &SecretString,
         image: &ImageRef,
     ) -> Result<SecretString, AuthError> {
-        if let Some(WireAuth::Bearer(token)) = lookup(&self.google, secret_id) {
+        if let Some(WireAuth(Wire::Bearer(token))) = lookup(&self.google, secret_id) {
             return Ok(token);
         }
         let key = gar_key::parse(json).map_err(|source| AuthError::Key {
@@ -505,7 +536,7 @@ impl Authenticator {
         lock(&self.google).insert(
             secret_id.to_owned(),
             Cached {
-                auth: WireAuth::Bearer(token.value),
+                auth: WireAuth::bearer(token.value),
                 expires_at: expiry(token.lifetime),
             },
         );
@@ -573,12 +604,12 @@ mod tests {
         store(
             &map,
             key(),
-            WireAuth::Bearer(SecretString::from("t")),
+            WireAuth::bearer(SecretString::from("t")),
             Duration::from_secs(300),
         );
         tokio::time::advance(Duration::from_secs(269)).await;
         assert!(
-            matches!(lookup(&map, &key()), Some(WireAuth::Bearer(t)) if t.expose_secret() == "t")
+            matches!(lookup(&map, &key()), Some(WireAuth(Wire::Bearer(t))) if t.expose_secret() == "t")
         );
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(
@@ -589,7 +620,7 @@ mod tests {
         store(
             &map,
             key(),
-            WireAuth::Bearer(SecretString::from("t")),
+            WireAuth::bearer(SecretString::from("t")),
             Duration::from_secs(60),
         );
         tokio::time::advance(Duration::from_secs(53)).await;

@@ -35,7 +35,7 @@ impl<'a> OrderCredential<'a> {
     /// (Docker, ACR service principal; not refresh tokens, not GAR keys).
     pub fn for_mirror(&self, credentials: bool) -> (WireAuth, Option<String>) {
         if !credentials {
-            return (WireAuth::Anonymous, None);
+            return (WireAuth::anonymous(), None);
         }
         match self.0.map(|secret| (secret.meta.kind, &secret.credential)) {
             Some((
@@ -44,7 +44,7 @@ impl<'a> OrderCredential<'a> {
             )) if username != REFRESH_TOKEN_USERNAME => {
                 (WireAuth::basic(username, password), self.secret_id())
             }
-            Some(_) | None => (WireAuth::Anonymous, None),
+            Some(_) | None => (WireAuth::anonymous(), None),
         }
     }
 }
@@ -54,6 +54,7 @@ mod tests {
     use secrecy::ExposeSecret as _;
 
     use super::*;
+    use crate::auth::wire::Wire;
     use berth_secrets::{SecretId, SecretMeta};
 
     fn secret(kind: SecretKind, username: &str) -> StoredSecret {
@@ -78,21 +79,21 @@ mod tests {
         let docker = secret(SecretKind::Docker, "u");
         assert!(matches!(
             OrderCredential::new(Some(&docker)).for_mirror(true),
-            (WireAuth::Basic { username, password }, Some(id))
+            (WireAuth(Wire::Basic { username, password }), Some(id))
                 if username == "u" && password.expose_secret() == "zzpasszz" && id == "secret-abc"
         ));
         assert!(matches!(
             OrderCredential::new(Some(&docker)).for_mirror(false),
-            (WireAuth::Anonymous, None)
+            (WireAuth(Wire::Anonymous), None)
         ));
         let refresh = secret(SecretKind::Acr, REFRESH_TOKEN_USERNAME);
         assert!(matches!(
             OrderCredential::new(Some(&refresh)).for_mirror(true),
-            (WireAuth::Anonymous, None)
+            (WireAuth(Wire::Anonymous), None)
         ));
         assert!(matches!(
             OrderCredential::new(None).for_mirror(true),
-            (WireAuth::Anonymous, None)
+            (WireAuth(Wire::Anonymous), None)
         ));
     }
 

@@ -8,10 +8,15 @@ use http::HeaderValue;
 use secrecy::{ExposeSecret as _, SecretString};
 use zeroize::Zeroizing;
 
-/// The authorization of a request: nothing, Basic credentials, or a Bearer token. Not
-/// `Serialize`, not `Display`; its `Debug` names the variant and the username only.
+/// The authorization of a request, sealed: only `auth` makes one from a credential or looks
+/// inside; the puller holds it and asks for the header. Not `Serialize`, not `Display`; its
+/// `Debug` names the kind and the username only.
 #[derive(Clone, Default)]
-pub enum WireAuth {
+pub struct WireAuth(pub(super) Wire);
+
+/// What a [`WireAuth`] holds: nothing, Basic credentials, or a Bearer token.
+#[derive(Clone, Default)]
+pub(super) enum Wire {
     #[default]
     Anonymous,
     Basic {
@@ -22,21 +27,31 @@ pub enum WireAuth {
 }
 
 impl WireAuth {
+    /// No credential.
+    pub fn anonymous() -> Self {
+        Self(Wire::Anonymous)
+    }
+
+    /// A Bearer token (as a token realm answers).
+    pub fn bearer(token: SecretString) -> Self {
+        Self(Wire::Bearer(token))
+    }
+
     /// Basic credentials.
-    pub fn basic(username: &str, password: &SecretString) -> Self {
-        Self::Basic {
+    pub(super) fn basic(username: &str, password: &SecretString) -> Self {
+        Self(Wire::Basic {
             username: username.to_owned(),
             password: password.clone(),
-        }
+        })
     }
 
     /// The `Authorization` header value, marked sensitive; None when anonymous, or for a
     /// token no header may carry (token responses with one are refused before it gets here).
     pub fn header(&self) -> Option<HeaderValue> {
-        match self {
-            Self::Anonymous => None,
-            Self::Basic { username, password } => Some(basic_header(username, password)),
-            Self::Bearer(token) => {
+        match &self.0 {
+            Wire::Anonymous => None,
+            Wire::Basic { username, password } => Some(basic_header(username, password)),
+            Wire::Bearer(token) => {
                 let value = Zeroizing::new(format!("Bearer {}", token.expose_secret()));
                 let mut header = HeaderValue::from_str(&value).ok()?;
                 header.set_sensitive(true);
@@ -60,14 +75,14 @@ pub(super) fn basic_header(username: &str, password: &SecretString) -> HeaderVal
 
 impl std::fmt::Debug for WireAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Anonymous => f.write_str("Anonymous"),
-            Self::Basic { username, .. } => f
+        match &self.0 {
+            Wire::Anonymous => f.write_str("Anonymous"),
+            Wire::Basic { username, .. } => f
                 .debug_struct("Basic")
                 .field("username", username)
                 .field("password", &"<redacted>")
                 .finish(),
-            Self::Bearer(_) => f.debug_tuple("Bearer").field(&"<redacted>").finish(),
+            Wire::Bearer(_) => f.debug_tuple("Bearer").field(&"<redacted>").finish(),
         }
     }
 }
@@ -81,9 +96,9 @@ mod tests {
 
     fn every_variant() -> Vec<WireAuth> {
         vec![
-            WireAuth::Anonymous,
+            WireAuth::anonymous(),
             WireAuth::basic("alice", &SecretString::from(PASSWORD)),
-            WireAuth::Bearer(SecretString::from(TOKEN)),
+            WireAuth::bearer(SecretString::from(TOKEN)),
         ]
     }
 
@@ -107,7 +122,7 @@ mod tests {
 
     #[test]
     fn headers_are_sensitive_and_well_formed() {
-        assert!(WireAuth::Anonymous.header().is_none());
+        assert!(WireAuth::anonymous().header().is_none());
         let basic = WireAuth::basic("alice", &SecretString::from(PASSWORD))
             .header()
             .unwrap();
@@ -117,7 +132,7 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(format!("alice:{PASSWORD}"))
         );
         assert_eq!(basic.to_str().unwrap(), expected);
-        let bearer = WireAuth::Bearer(SecretString::from(TOKEN))
+        let bearer = WireAuth::bearer(SecretString::from(TOKEN))
             .header()
             .unwrap();
         assert!(bearer.is_sensitive());
@@ -126,7 +141,7 @@ mod tests {
 
     #[test]
     fn material_no_header_can_carry_gives_no_header() {
-        let bearer = WireAuth::Bearer(SecretString::from("line\nbreak"));
+        let bearer = WireAuth::bearer(SecretString::from("line\nbreak"));
         assert!(bearer.header().is_none());
     }
 
@@ -136,10 +151,10 @@ mod tests {
     fn clones_hold_material_only_as_secret_strings() {
         fn secret(_: &SecretString) {}
         for auth in every_variant() {
-            match auth.clone() {
-                WireAuth::Anonymous => {}
-                WireAuth::Basic { password, .. } => secret(&password),
-                WireAuth::Bearer(token) => secret(&token),
+            match auth.clone().0 {
+                Wire::Anonymous => {}
+                Wire::Basic { password, .. } => secret(&password),
+                Wire::Bearer(token) => secret(&token),
             }
         }
     }

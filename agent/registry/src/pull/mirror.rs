@@ -232,7 +232,7 @@ impl Puller {
                 &self.http,
                 &self.authenticator,
                 image,
-                WireAuth::Anonymous,
+                WireAuth::anonymous(),
                 None,
             )
             .await?;

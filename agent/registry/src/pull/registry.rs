@@ -199,33 +199,19 @@ impl Session {
             secret_id: secret_id.map(Arc::from),
         };
         let own_registry = target.host == image.registry();
-        let auth = match auth {
-            // The Authenticator's answer to this registry's challenge (its realm checked).
-            WireAuth::Bearer(_) | WireAuth::Basic { .. } if own_registry => auth,
-            // A mirror, or an anonymous request: answer that host's own challenge, after the
-            // same realm checks.
-            WireAuth::Basic { username, password } => authenticator
-                .grant_at(
-                    &target.host,
-                    target.plain_http,
-                    target.reference.repository(),
-                    Some((&username, &password)),
-                    attempts,
-                )
-                .await
-                .map_err(PullError::Auth)?,
-            WireAuth::Anonymous => authenticator
-                .grant_at(
-                    &target.host,
-                    target.plain_http,
-                    target.reference.repository(),
-                    None,
-                    attempts,
-                )
-                .await
-                .map_err(PullError::Auth)?,
-            WireAuth::Bearer(token) => WireAuth::Bearer(token),
-        };
+        // The Authenticator's answer to this registry's challenge is kept; a mirror, or an
+        // anonymous request, answers that host's own challenge, after the same realm checks.
+        let auth = authenticator
+            .session_auth(
+                auth,
+                own_registry,
+                &target.host,
+                target.plain_http,
+                target.reference.repository(),
+                attempts,
+            )
+            .await
+            .map_err(PullError::Auth)?;
         session.auth = Arc::new(auth);
         Ok(session)
     }
@@ -569,7 +555,7 @@ mod tests {
             &http,
             &authenticator,
             &image,
-            WireAuth::Bearer(SecretString::from("zztokenzz")),
+            WireAuth::bearer(SecretString::from("zztokenzz")),
             Some("secret-abc"),
         )
         .await
