@@ -23,6 +23,8 @@
 //! - `security`, `limits`, `api_access`: the security properties (hostile registries, tenants,
 //!   input limits, who may call the API, berthd's own process); SECURITY.md names the test
 //!   behind each guarantee.
+//! - `unpack`: berth's own layer applier (overlay snapshots written while layers download),
+//!   `keep_layer_blobs = false`, and a layer corrupted in flight.
 
 mod harness;
 
@@ -64,3 +66,5 @@ mod seed_flow;
 mod selftest;
 #[cfg(test)]
 mod signatures;
+#[cfg(test)]
+mod unpack;
