@@ -264,6 +264,19 @@ impl Puller {
         }
         let keep = self.layers.settings.keep_layer_blobs;
         let reference = format!("berth-blob-{}", desc.digest);
+        // A partial download an earlier order left (it failed, or berthd stopped) is resumed
+        // where it ended rather than fetched whole; berth's applier would need every byte.
+        if self
+            .containerd
+            .ingest_offset(&reference)
+            .await
+            .map_err(containerd_err)?
+            > 0
+        {
+            return Ok(Direct::Fallback(
+                "a partial download of the blob is in the content store",
+            ));
+        }
         // containerd allows one writer per ingest ref.
         let _blob_guard = if keep {
             Some(self.blob_locks.lock(desc.digest.clone()).await)
@@ -343,8 +356,12 @@ impl Puller {
         if let Err(failure) = streamed {
             let stop = feeder.stop.take();
             let applier_error = feeder.abandon().await;
+            // Out of attempts, the partial ingest stays (under the pull's lease) for the next
+            // order to resume; after any other failure it goes.
             if let Some(writer) = writer {
-                writer.abort().await.ok();
+                if !matches!(failure, Failure::Retry(_)) {
+                    writer.abort().await.ok();
+                }
             }
             return match (failure, stop) {
                 (Failure::Stopped, Some(Stop::Fallback(reason))) => Ok(Direct::Fallback(reason)),
