@@ -214,3 +214,25 @@ async fn a_layer_corrupted_in_flight_is_data_loss_and_leaves_no_image_or_snapsho
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_snapshotter_falls_back_to_containerds_applier() -> anyhow::Result<()> {
+    let env = env_with("snapshotter = \"native\"", Vec::new()).await?;
+    let secret = env
+        .create_secret("reg", env.registry.addr(), &env.user)
+        .await?;
+    let pushed = push(&env, "team/native").await?;
+    env.run_to_completion(&pushed.image.reference(), &secret)
+        .await?;
+    let log = env.berthd.log_text();
+    assert!(
+        log.contains(FALLBACK_LOG) && log.contains("the snapshotter is not overlayfs"),
+        "no fallback logged:\n{log}"
+    );
+    let native = env
+        .containerd
+        .ctr_ok(&["snapshots", "--snapshotter", "native", "ls"])
+        .await?;
+    assert!(native.lines().count() > 1, "{native}");
+    Ok(())
+}
