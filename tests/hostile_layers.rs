@@ -5,19 +5,13 @@
 //! ctime), and nothing new appears in `/` or `/etc`. A refused pull leaves no image record and
 //! no snapshot named for the layer's chain id; an accepted one has the entry inside the snapshot.
 //!
-//! What berthd does today (containerd's Diff.Apply) and with berth's own applier differs in three
-//! places, and the tests say which:
+//! berthd unpacks with its own applier (berth-unpack) on overlayfs, and where it refuses what
+//! containerd's Diff.Apply would take or fail differently, the tests pin berth's answer:
 //! - `..` names: containerd clamps them into the root and the pull succeeds; berth's applier
 //!   refuses the layer (INVALID_ARGUMENT).
 //! - hardlinks to a path outside the root: containerd resolves the target inside the root, finds
-//!   nothing and fails with an Unknown error (INTERNAL from berthd); berth's applier refuses them
-//!   as INVALID_ARGUMENT.
-//!
-//! - a layer whose config names another diff id: INTERNAL today (containerd's diff id against
-//!   the config's, reported as a containerd error), DATA_LOSS from berth's applier.
-//!
-//! The safety tests run today and accept either outcome where the two paths differ; the exact
-//! refusal is in an `#[ignore]`d test of its own, to be un-ignored when berth's applier lands.
+//!   nothing and fails with an Unknown error; berth's applier refuses them as INVALID_ARGUMENT.
+//! - a layer whose config names another diff id: DATA_LOSS.
 //!
 //! The tar bomb holds `BERTH_TEST_TAR_BOMB_ENTRIES` empty files (default 20000), compressing to
 //! a few hundred KiB: far below the applier's entry limit (4 million, not a berthd setting), so
@@ -252,7 +246,6 @@ async fn dotdot_names_never_leave_the_root() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs berth's own layer applier (issue 15)"]
 async fn dotdot_names_are_invalid_argument() -> anyhow::Result<()> {
     let env = Env::start(RegistryKind::Htpasswd).await?;
     let targets = Targets::plant(&env)?;
@@ -380,7 +373,6 @@ async fn hardlinks_to_host_files_are_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs berth's own layer applier (issue 15)"]
 async fn hardlinks_to_host_files_are_invalid_argument() -> anyhow::Result<()> {
     let env = Env::start(RegistryKind::Htpasswd).await?;
     let targets = Targets::plant(&env)?;
@@ -550,7 +542,6 @@ async fn a_layer_that_is_not_its_diff_id_is_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs berth's own layer applier (issue 15)"]
 async fn a_layer_that_is_not_its_diff_id_is_data_loss() -> anyhow::Result<()> {
     // contract.md: a digest mismatch is DATA_LOSS; the diff id is the uncompressed digest.
     let env = Env::start(RegistryKind::Htpasswd).await?;

@@ -26,6 +26,8 @@
 //! - `unpack_diff`, `hostile_layers`: the unpacked tree of a layer corpus, berthd's against
 //!   containerd's own (`ctr images pull`) on one containerd, and hostile layers that must not
 //!   write outside the snapshot (the acceptance tests of berth's own layer applier).
+//! - `unpack`: berth's own layer applier (overlay snapshots written while layers download),
+//!   `keep_layer_blobs = false`, and a layer corrupted in flight.
 
 mod harness;
 
@@ -69,5 +71,7 @@ mod seed_flow;
 mod selftest;
 #[cfg(test)]
 mod signatures;
+#[cfg(test)]
+mod unpack;
 #[cfg(test)]
 mod unpack_diff;

@@ -142,6 +142,7 @@ fn build_runner(
         metrics.clone(),
     )
     .map_err(|err| DaemonError::Auth(Box::new(err)))?
+    .with_layers(settings.containerd.layers.clone())
     .with_signatures(berth_registry::pull::signature::Signatures::new(
         settings.policies.clone(),
         settings.orders.access_check_ttl,

@@ -74,6 +74,8 @@ pub struct BerthdOptions {
     pub tables_toml: String,
     /// More `[registry]` keys (`retries = 5`, `read_timeout_seconds = 2`, ...), one per line.
     pub registry_toml: String,
+    /// More `[containerd]` keys (`keep_layer_blobs = false`, ...), one per line.
+    pub containerd_toml: String,
 }
 
 /// A running berthd.
@@ -283,6 +285,7 @@ fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
          [containerd]\n\
          socket = {containerd_socket}\n\
          namespace = {namespace}\n\
+         {containerd}\n\
          \n\
          {secrets}\n\
          \n\
@@ -295,6 +298,7 @@ fn config_toml(paths: &ConfigPaths<'_>) -> anyhow::Result<String> {
         top_level = paths.options.top_level_toml.trim_end(),
         tables = paths.options.tables_toml.trim_end(),
         registry = paths.options.registry_toml.trim_end(),
+        containerd = paths.options.containerd_toml.trim_end(),
         state_dir = toml_path(paths.state_dir)?,
         containerd_socket = toml_path(paths.containerd_socket)?,
         namespace = toml_string(paths.namespace)?,

@@ -91,6 +91,8 @@ pub enum Fault {
     StallHeaders(Duration),
     /// Forward without the `Range` header: the registry answers 200 with the whole blob.
     IgnoreRange,
+    /// Forward, with the body's byte at this offset flipped (same length).
+    FlipByte(u64),
     /// Forward, sending the body at this many bytes per second.
     Throttle { bytes_per_second: u64 },
     /// Forward, sending `bytes_per_second` bytes of the body once a second: a connection that
@@ -450,6 +452,10 @@ async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
         record.status = status.as_u16();
         record.body_len = body.len() as u64;
     });
+    let body = match fault {
+        Some(Fault::FlipByte(at)) => flip_byte(body, at),
+        _ => body,
+    };
 
     let mut response = Response::builder().status(status);
     for (name, value) in &headers {
@@ -470,6 +476,15 @@ async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
     response
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `body` with the byte at `at` inverted (unchanged when `at` is past its end).
+fn flip_byte(body: Bytes, at: u64) -> Bytes {
+    let mut flipped = body.to_vec();
+    if let Some(byte) = usize::try_from(at).ok().and_then(|at| flipped.get_mut(at)) {
+        *byte = !*byte;
+    }
+    Bytes::from(flipped)
 }
 
 fn status_response(code: u16, retry_after_seconds: Option<u32>) -> Response {

@@ -137,6 +137,12 @@ mod tests {
         );
     }
     use berth_registry::pull::verify::Mismatch;
+    use berth_unpack::digest::Sha256Digest;
+    use berth_unpack::error::ApplyError;
+
+    fn digest(hex_digit: char) -> Sha256Digest {
+        Sha256Digest::parse(&format!("sha256:{}", hex_digit.to_string().repeat(64))).unwrap()
+    }
 
     #[test]
     fn contract_codes() {
@@ -198,6 +204,41 @@ mod tests {
                 }
                 .into(),
                 Code::Unavailable,
+            ),
+            (
+                PullError::Layer {
+                    image: "r/a:b".into(),
+                    digest: "sha256:x".into(),
+                    source: ApplyError::DiffId {
+                        expected: digest('a'),
+                        actual: digest('b'),
+                    },
+                }
+                .into(),
+                Code::DataLoss,
+            ),
+            (
+                PullError::Layer {
+                    image: "r/a:b".into(),
+                    digest: "sha256:x".into(),
+                    source: ApplyError::PathEscape {
+                        path: "../../etc/passwd".into(),
+                    },
+                }
+                .into(),
+                Code::InvalidArgument,
+            ),
+            (
+                PullError::Containerd {
+                    image: "r/a:b".into(),
+                    source: berth_runtime::containerd::ContainerdError::DiffIdMismatch {
+                        layer: "sha256:x".into(),
+                        expected: "sha256:a".into(),
+                        actual: "sha256:b".into(),
+                    },
+                }
+                .into(),
+                Code::DataLoss,
             ),
             (RunError::Cancelled { image: "x".into() }, Code::Cancelled),
             (

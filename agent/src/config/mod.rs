@@ -104,6 +104,9 @@ pub struct ContainerdConfig {
     pub socket: PathBuf,
     pub namespace: String,
     pub snapshotter: String,
+    /// false: compressed layer blobs are not kept in the content store once their snapshot is
+    /// committed (like CRI's discard_unpacked_layers).
+    pub keep_layer_blobs: bool,
 }
 
 impl Default for ContainerdConfig {
@@ -112,6 +115,7 @@ impl Default for ContainerdConfig {
             socket: PathBuf::from("/run/containerd/containerd.sock"),
             namespace: "berth".to_owned(),
             snapshotter: "overlayfs".to_owned(),
+            keep_layer_blobs: true,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use berth_registry::auth::AuthSettings;
 use berth_registry::pull::policy::{Policies, PolicyError};
-use berth_registry::pull::RegistrySettings;
+use berth_registry::pull::{LayerSettings, RegistrySettings};
 use berth_secrets::provider::ProviderSettings;
 use berth_secrets::{Login, OpenbaoSettings, SecretSettings};
 
@@ -54,6 +54,8 @@ pub(crate) struct ContainerdSettings {
     pub(crate) socket: PathBuf,
     pub(crate) namespace: String,
     pub(crate) snapshotter: String,
+    /// The puller's layer settings: `keep_layer_blobs`, and the spool under the state dir.
+    pub(crate) layers: LayerSettings,
 }
 
 /// How orders run.
@@ -168,6 +170,10 @@ impl Settings {
                 socket: config.containerd.socket.clone(),
                 namespace: config.containerd.namespace.clone(),
                 snapshotter: config.containerd.snapshotter.clone(),
+                layers: LayerSettings {
+                    keep_layer_blobs: config.containerd.keep_layer_blobs,
+                    spool_dir: config.state_dir.join("spool"),
+                },
             },
             orders: OrderSettings {
                 state_dir: config.state_dir.clone(),

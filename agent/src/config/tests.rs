@@ -16,6 +16,7 @@ fn empty_file_gives_contract_defaults() {
     assert_eq!(config.state_dir, PathBuf::from("/var/lib/berth"));
     assert_eq!(config.containerd.namespace, "berth");
     assert_eq!(config.containerd.snapshotter, "overlayfs");
+    assert!(config.containerd.keep_layer_blobs);
     assert_eq!(config.secrets.backend, SecretsBackend::File);
     assert_eq!(config.registry.max_concurrent_downloads, 4);
     assert_eq!(config.registry.retries, 5);

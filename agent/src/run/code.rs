@@ -9,6 +9,7 @@ use berth_registry::auth::AuthError;
 use berth_registry::pull::PullError;
 use berth_runtime::containerd::ContainerdError;
 use berth_secrets::SecretError;
+use berth_unpack::error::ApplyErrorKind;
 
 /// The canonical name of the code `err` is answered with: an audit line's `result`.
 pub(crate) fn audit_result(err: &RunError) -> &'static str {
@@ -94,12 +95,22 @@ fn pull_code(err: &PullError) -> Code {
         PullError::Deadline { .. } => Code::DeadlineExceeded,
         PullError::Registry { .. } | PullError::Client { .. } => Code::Internal,
         PullError::Containerd { source, .. } => containerd_code(source),
+        PullError::Layer { source, .. } => match source.kind() {
+            ApplyErrorKind::DataLoss => Code::DataLoss,
+            // A hostile or malformed layer, or one past the applier's limits.
+            ApplyErrorKind::InvalidLayer | ApplyErrorKind::LimitExceeded => Code::InvalidArgument,
+            ApplyErrorKind::Io => Code::Internal,
+        },
+        PullError::Spool { .. } => Code::Internal,
         PullError::Auth(err) => auth_code(err),
     }
 }
 
 fn containerd_code(err: &ContainerdError) -> Code {
-    if err.is_unavailable() {
+    if matches!(err, ContainerdError::DiffIdMismatch { .. }) {
+        // containerd's applier found the layer is not the one the config names.
+        Code::DataLoss
+    } else if err.is_unavailable() {
         Code::Unavailable
     } else {
         Code::Internal

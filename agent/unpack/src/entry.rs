@@ -269,7 +269,7 @@ pub(crate) fn create(
         Kind::Regular { sparse } => write_regular(place, header, data, buffer, *sparse),
         Kind::Directory => Ok(make_directory(place, header, keep_directory)?),
         Kind::Symlink { target } => Ok(make_symlink(place, header, target)?),
-        Kind::Hardlink { target } => Ok(make_hardlink(place, target)?),
+        Kind::Hardlink { target } => Ok(make_hardlink(place, header, target)?),
         Kind::CharDevice { major, minor } => Ok(make_node(
             place,
             header,
@@ -390,10 +390,11 @@ fn make_symlink(place: &Placement<'_>, header: &Header, target: &[u8]) -> Result
     Ok(())
 }
 
-/// A hardlink shares the target's inode, whose metadata its own entry set.
-/// containerd also lchowns the link, which on Linux clears the setuid bit
-/// and file capabilities of the shared inode; this keeps them.
-fn make_hardlink(place: &Placement<'_>, target: &[u8]) -> Result<(), ApplyError> {
+/// A hardlink shares the target's inode. As containerd's applier does, the
+/// link entry's own header is then applied to that inode: owner (which on
+/// Linux clears the setuid bit and file capabilities), xattrs, mode (unless
+/// the target is a symlink) and times, so both unpack a layer alike.
+fn make_hardlink(place: &Placement<'_>, header: &Header, target: &[u8]) -> Result<(), ApplyError> {
     let refused = |source: Option<io::Error>| ApplyError::HardlinkTarget {
         path: place.path.display(),
         target: String::from_utf8_lossy(target).into_owned(),
@@ -406,11 +407,13 @@ fn make_hardlink(place: &Placement<'_>, target: &[u8]) -> Result<(), ApplyError>
         .root
         .open_dir(target_path.parent())
         .map_err(|err| refused(Some(err)))?;
-    match lstat_at(&target_parent, target_path.name()) {
-        Ok(Some(stat)) if !is_dir(&stat) => {}
+    let target_is_symlink = match lstat_at(&target_parent, target_path.name()) {
+        Ok(Some(stat)) if !is_dir(&stat) => {
+            FileType::from_raw_mode(stat.st_mode) == FileType::Symlink
+        }
         Ok(_) => return Err(refused(None)),
         Err(err) => return Err(refused(Some(err))),
-    }
+    };
     // Flags 0: link the target itself, even when it is a symlink (as
     // os.Link does), never what it points to.
     linkat(
@@ -421,6 +424,34 @@ fn make_hardlink(place: &Placement<'_>, target: &[u8]) -> Result<(), ApplyError>
         AtFlags::empty(),
     )
     .map_err(|err| place.failed(err.into()))?;
+    let failed = |err: Errno| place.failed(err.into());
+    chownat(
+        place.parent,
+        place.name(),
+        Some(header.uid),
+        Some(header.gid),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(failed)?;
+    set_xattrs_at(place, header)?;
+    if !target_is_symlink {
+        // The name was just linked to a file that is not a symlink, so this
+        // changes that inode and follows nothing.
+        chmodat(
+            place.parent,
+            place.name(),
+            Mode::from_raw_mode(header.mode),
+            AtFlags::empty(),
+        )
+        .map_err(failed)?;
+    }
+    utimensat(
+        place.parent,
+        place.name(),
+        &header.times,
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(failed)?;
     Ok(())
 }
 

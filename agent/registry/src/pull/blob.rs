@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 
+use std::future::Future;
+
+use bytes::Bytes;
 use futures::StreamExt as _;
 use tracing::{debug, instrument, warn};
 
@@ -43,7 +46,7 @@ impl<'a> Reporter<'a> {
         }
     }
 
-    async fn finished(&self, desc: &Descriptor, cached: bool) {
+    pub(super) async fn finished(&self, desc: &Descriptor, cached: bool) {
         send(self.events, layer_progress(desc, desc.size, cached)).await;
     }
 
@@ -57,11 +60,13 @@ impl<'a> Reporter<'a> {
 }
 
 /// How one streaming attempt ended badly.
-enum Failure {
+pub(super) enum Failure {
     /// Worth another attempt (connection cut, timeout, 5xx, 429): resume where it stopped.
     Retry(PullError),
     /// Final: verification failed, or containerd refused.
     Fatal(PullError),
+    /// The sink stopped taking bytes; its owner knows why (see `direct`).
+    Stopped,
 }
 
 impl Puller {
@@ -73,7 +78,7 @@ impl Puller {
         lease: &Lease,
         desc: &Descriptor,
         source_label: &(String, String),
-        mut report: Reporter<'_>,
+        report: &mut Reporter<'_>,
     ) -> Result<(), PullError> {
         let containerd_err = |source| PullError::Containerd {
             image: image.to_string(),
@@ -118,14 +123,15 @@ impl Puller {
             if resumed {
                 debug!(offset = writer.offset(), "resuming a partial ingest");
             }
+            let mut sink = ContentSink::new(image, &mut writer);
             match self
                 .stream_with_retries(
                     image,
                     session,
                     desc,
-                    &mut writer,
+                    &mut sink,
                     &mut verifier,
-                    &mut report,
+                    report,
                     &mut stall,
                 )
                 .await
@@ -136,6 +142,14 @@ impl Puller {
                 Err(Failure::Fatal(err)) => {
                     writer.abort().await.ok();
                     return Err(err);
+                }
+                // A content sink never stops on its own.
+                Err(Failure::Stopped) => {
+                    writer.abort().await.ok();
+                    return Err(containerd_err(ContainerdError::Protocol {
+                        op: "content.write",
+                        reason: "the download was stopped",
+                    }));
                 }
             }
             if let Err(source) = verifier.finish() {
@@ -178,14 +192,14 @@ impl Puller {
         })
     }
 
-    /// Streams the rest of the blob into the ingest, resuming after retryable failures.
+    /// Streams the rest of the blob into `sink`, resuming after retryable failures.
     #[allow(clippy::too_many_arguments)]
-    async fn stream_with_retries(
+    pub(super) async fn stream_with_retries(
         &self,
         image: &ImageRef,
         session: &Session,
         desc: &Descriptor,
-        writer: &mut BlobWriter,
+        sink: &mut impl Sink,
         verifier: &mut Verifier,
         report: &mut Reporter<'_>,
         stall: &mut StallClock,
@@ -193,7 +207,7 @@ impl Puller {
         let mut attempt = 1;
         while verifier.seen() < desc.size {
             let outcome = self
-                .stream_once(image, session, desc, writer, verifier, report, stall)
+                .stream_once(image, session, desc, sink, verifier, report, stall)
                 .await;
             match outcome {
                 Ok(()) => break,
@@ -208,73 +222,70 @@ impl Puller {
         Ok(())
     }
 
-    /// One GET of the blob from the verifier's offset, streamed into the ingest. Only the waits
-    /// on the registry run on the stall clock.
+    /// One GET of the blob from the verifier's offset, streamed into `sink`. Only the waits on
+    /// the registry run on the stall clock.
     #[allow(clippy::too_many_arguments)]
     async fn stream_once(
         &self,
         image: &ImageRef,
         session: &Session,
         desc: &Descriptor,
-        writer: &mut BlobWriter,
+        sink: &mut impl Sink,
         verifier: &mut Verifier,
         report: &mut Reporter<'_>,
         stall: &mut StallClock,
     ) -> Result<(), Failure> {
-        let containerd_err = |source: ContainerdError| {
-            Failure::Fatal(PullError::Containerd {
-                image: image.to_string(),
-                source,
-            })
-        };
         let offset = verifier.seen();
         let (mut stream, from_offset) = stall
             .wait(session.blob(desc, offset))
             .await
             .map_err(|_| self.stalled(image, stall, offset))?
             .map_err(classify)?;
-        if !from_offset && offset > 0 {
-            // The registry ignored the Range: start this blob over.
-            debug!("registry ignored the range request; restarting the blob");
-            writer.restart().await.map_err(containerd_err)?;
-            *verifier = Verifier::new(&desc.digest, desc.size);
-        }
+        // The registry ignored the Range and sends the blob from byte 0: what the sink has is
+        // skipped, so it still receives one continuous stream (the digest, checked over all of
+        // it, tells whether the two responses agree).
+        let mut skip = if !from_offset && offset > 0 {
+            debug!(
+                offset,
+                "registry ignored the range request; skipping what arrived before"
+            );
+            offset
+        } else {
+            0
+        };
         let bytes_counter = self
             .metrics
             .pull_bytes
             .get_or_create_owned(&RegistryLabels {
                 registry: image.registry().to_owned(),
             });
-        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK);
         let result = loop {
             let Ok(next) = stall.wait(stream.next()).await else {
                 break Err(self.stalled(image, stall, verifier.seen()));
             };
             match next {
-                Some(Ok(chunk)) => {
+                Some(Ok(mut chunk)) => {
                     if !chunk.is_empty() {
                         stall.progressed();
                     }
                     // `max_bytes_per_second`: the wait is berth's own, off the stall clock.
                     self.bandwidth.take(chunk.len()).await;
                     bytes_counter.inc_by(chunk.len() as u64);
+                    if skip > 0 {
+                        let skipped = chunk.len().min(usize::try_from(skip).unwrap_or(usize::MAX));
+                        skip -= skipped as u64;
+                        let _ = chunk.split_to(skipped);
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                    }
                     if let Err(source) = verifier.update(&chunk) {
                         return Err(Failure::Fatal(PullError::Mismatch {
                             image: image.to_string(),
                             source,
                         }));
                     }
-                    // Fill the buffer to exactly CHUNK, so it never grows past its capacity.
-                    let mut rest: &[u8] = &chunk;
-                    while !rest.is_empty() {
-                        let take = (CHUNK - buffer.len()).min(rest.len());
-                        buffer.extend_from_slice(&rest[..take]);
-                        rest = &rest[take..];
-                        if buffer.len() == CHUNK {
-                            let full = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK));
-                            writer.write(full).await.map_err(containerd_err)?;
-                        }
-                    }
+                    sink.write(chunk).await?;
                     report.seen(desc, verifier.seen()).await;
                 }
                 None => break Ok(()),
@@ -289,17 +300,79 @@ impl Puller {
                 }
             }
         };
-        // What arrived is kept, so a retry resumes exactly where the ingest ends.
-        if !buffer.is_empty() {
-            writer.write(buffer).await.map_err(containerd_err)?;
-        }
-        writer.flush().await.map_err(containerd_err)?;
+        // What arrived is kept, so a retry resumes exactly where the sink ends.
+        sink.flush().await?;
         match result {
             Ok(()) if verifier.seen() < desc.size => Err(Failure::Retry(PullError::Unreachable {
                 registry: image.registry().to_owned(),
                 source: "the blob response ended early".into(),
             })),
             other => other,
+        }
+    }
+}
+
+/// Where a blob's verified bytes go, in order: containerd's content store, berth's layer
+/// applier, or both.
+pub(super) trait Sink: Send {
+    /// Takes the next chunk.
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), Failure>> + Send;
+    /// Makes everything written so far durable where it goes (an attempt ends).
+    fn flush(&mut self) -> impl Future<Output = Result<(), Failure>> + Send;
+}
+
+/// The content store as a sink: chunks are gathered into WRITE messages of exactly `CHUNK`.
+pub(super) struct ContentSink<'w> {
+    image: &'w ImageRef,
+    writer: &'w mut BlobWriter,
+    buffer: Vec<u8>,
+}
+
+impl<'w> ContentSink<'w> {
+    pub(super) fn new(image: &'w ImageRef, writer: &'w mut BlobWriter) -> Self {
+        Self {
+            image,
+            writer,
+            buffer: Vec::with_capacity(CHUNK),
+        }
+    }
+
+    fn failure(&self, source: ContainerdError) -> Failure {
+        Failure::Fatal(PullError::Containerd {
+            image: self.image.to_string(),
+            source,
+        })
+    }
+}
+
+impl Sink for ContentSink<'_> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), Failure> {
+        // Fill the buffer to exactly CHUNK, so it never grows past its capacity.
+        let mut rest: &[u8] = &chunk;
+        while !rest.is_empty() {
+            let take = (CHUNK - self.buffer.len()).min(rest.len());
+            self.buffer.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.buffer.len() == CHUNK {
+                let full = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK));
+                if let Err(err) = self.writer.write(full).await {
+                    return Err(self.failure(err));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Failure> {
+        if !self.buffer.is_empty() {
+            let rest = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK));
+            if let Err(err) = self.writer.write(rest).await {
+                return Err(self.failure(err));
+            }
+        }
+        match self.writer.flush().await {
+            Ok(()) => Ok(()),
+            Err(err) => Err(self.failure(err)),
         }
     }
 }

@@ -6,6 +6,7 @@ use super::verify::Mismatch;
 use super::{cosign, manifest};
 use crate::auth::AuthError;
 use berth_runtime::containerd::ContainerdError;
+use berth_unpack::error::{ApplyError, ApplyErrorKind};
 
 /// A failed pull. Messages name the image, registry, repository and secret id, never material.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +96,19 @@ pub enum PullError {
         #[source]
         source: Box<PullError>,
     },
+    #[error("image {image}: applying layer {digest}")]
+    Layer {
+        image: String,
+        digest: String,
+        #[source]
+        source: ApplyError,
+    },
+    #[error("image {image}: spooling a layer until its parent is unpacked")]
+    Spool {
+        image: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing image {image} into containerd")]
     Containerd {
         image: String,
@@ -118,6 +132,11 @@ impl PullError {
             PullError::Denied { .. } => "denied",
             PullError::NotFound { .. } | PullError::NoPlatform { .. } => "not_found",
             PullError::Mismatch { .. } => "data_loss",
+            PullError::Layer { source, .. } => match source.kind() {
+                ApplyErrorKind::DataLoss => "data_loss",
+                ApplyErrorKind::InvalidLayer | ApplyErrorKind::LimitExceeded => "unsupported",
+                ApplyErrorKind::Io => "error",
+            },
             PullError::Unreachable { .. }
             | PullError::Throttled { .. }
             | PullError::Stalled { .. } => "unavailable",
@@ -129,6 +148,7 @@ impl PullError {
             PullError::Auth(_)
             | PullError::Registry { .. }
             | PullError::Client { .. }
+            | PullError::Spool { .. }
             | PullError::Containerd { .. } => "error",
         }
     }

@@ -10,12 +10,15 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 /// Every manifest type berth accepts, for the Accept header.
 pub const ACCEPTED: &[&str] = &[OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
 
-/// Layer media types containerd 1.6's differ applies.
+/// Layer media types berth pulls: those containerd 1.6's differ applies, and Docker's
+/// `tar.zstd`, which berth's own applier handles (on the Diff.Apply fallback, a containerd that
+/// does not know it refuses the layer).
 const LAYER_TYPES: &[&str] = &[
     "application/vnd.oci.image.layer.v1.tar",
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.oci.image.layer.v1.tar+zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
 ];
 
 /// A content descriptor as it appears in manifests and indexes.

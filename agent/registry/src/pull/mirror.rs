@@ -59,11 +59,14 @@ pub(super) fn falls_back(err: &PullError) -> bool {
         // A mirror may lack or garble the signature: the next source has the last word.
         | PullError::Signature { .. }
         | PullError::SignatureFetch { .. } => true,
+        // Bytes that are not what the descriptor names may be the mirror's fault.
+        PullError::Layer { source, .. } => source.is_data_loss(),
         // Verified content is the upstream's too; deadline, containerd and client set-up
         // failures would recur.
         PullError::Config { .. }
         | PullError::Client { .. }
         | PullError::Deadline { .. }
+        | PullError::Spool { .. }
         | PullError::Containerd { .. } => false,
     }
 }

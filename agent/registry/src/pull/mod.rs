@@ -6,8 +6,11 @@ mod bandwidth;
 mod blob;
 mod cached;
 pub mod cosign;
+mod direct;
 mod error;
 mod explain;
+mod feed;
+mod layer;
 pub mod manifest;
 pub mod mirror;
 pub mod policy;
@@ -22,7 +25,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::TryFutureExt as _;
+
 use tokio::sync::mpsc;
 use tracing::{info, instrument};
 
@@ -34,12 +38,14 @@ use berth_runtime::containerd::{Containerd, Lease};
 use blob::Reporter;
 use error::retry;
 pub use error::PullError;
+pub use layer::LayerSettings;
+use layer::{LayerJob, LayerUnpacking, PullContext};
 use manifest::{Descriptor, Manifest, Parsed};
 pub use registry::RegistrySettings;
 use registry::Session;
 use signature::{Signatures, Subject};
 use stagger::Stagger;
-use unpack::Arrivals;
+use unpack::Ladder;
 
 /// Largest manifest, index or image config berth reads.
 const MAX_DOCUMENT: u64 = 4 << 20;
@@ -110,6 +116,8 @@ pub struct Puller {
     deadline: Duration,
     metrics: SharedMetrics,
     signatures: Arc<Signatures>,
+    /// `keep_layer_blobs`, the spool, and whether berth writes overlay snapshots itself.
+    layers: Arc<LayerUnpacking>,
 }
 
 /// What an image reference resolves to: the document the registry serves for it and, when that
@@ -202,7 +210,14 @@ impl Puller {
                 metrics.clone(),
             )),
             metrics,
+            layers: Arc::default(),
         })
+    }
+
+    /// How layers are unpacked (`[containerd] keep_layer_blobs`, the spool directory).
+    pub fn with_layers(mut self, settings: LayerSettings) -> Self {
+        self.layers = Arc::new(LayerUnpacking::new(settings));
+        self
     }
 
     /// The signature policies (`[[policy]]`) and their cache.
@@ -428,40 +443,63 @@ impl Puller {
                 reason: manifest::ManifestError("image config larger than 4 MiB"),
             });
         }
-        // Config and layers, concurrently but with staggered starts (see `stagger`); each
-        // verified while it streams into containerd and each layer unpacked as soon as it and
-        // the layers below it are in.
-        // Boxed as `dyn Send` futures: the compiler cannot prove `Send` for a closure returning
-        // borrowed futures inside `buffer_unordered` on its own (rust-lang/rust#102211).
-        let (committed, arrivals) = Arrivals::new(manifest.layers.len());
+        // The config first: its diff ids name each layer's snapshot (chain id), which decides
+        // whether the layer is needed at all and lets berth apply it while it downloads.
         let stagger = Stagger::new(
             manifest.layers.len() + 1,
             self.settings.max_concurrent_downloads,
         );
-        let mut fetches: Vec<BlobFetch<'_>> = Vec::with_capacity(manifest.layers.len() + 1);
-        for (slot, desc) in std::iter::once(&manifest.config)
-            .chain(&manifest.layers)
-            .enumerate()
-        {
-            let stagger = &stagger;
-            let source_label = &source_label;
-            fetches.push(Box::pin(async move {
-                stagger.wait_turn(slot).await;
-                let report = Reporter::new(progress, stagger.head_start(slot, desc.size));
-                self.fetch_blob(image, session, lease, desc, source_label, report)
-                    .await
-                    .map(|()| slot)
-            }));
+        let mut config_report =
+            Reporter::new(progress, stagger.head_start(0, manifest.config.size));
+        self.fetch_blob(
+            image,
+            session,
+            lease,
+            &manifest.config,
+            &source_label,
+            &mut config_report,
+        )
+        .await?;
+        drop(config_report);
+        let layers = self.read_config(image, manifest).await?;
+        // Then the layers, concurrently but with staggered starts (see `stagger`), each applied
+        // as soon as it arrives and the layer below it is committed.
+        let ladder = Ladder::new();
+        let downloads = tokio::sync::Semaphore::new(self.settings.max_concurrent_downloads.max(1));
+        let cx = PullContext {
+            image,
+            session,
+            lease,
+            source_label: &source_label,
+            ladder: &ladder,
+            stagger: &stagger,
+            downloads: &downloads,
+            progress,
+        };
+        // Boxed as `dyn Send` futures: the compiler cannot prove `Send` for these borrowed
+        // futures inside `try_join_all` on its own (rust-lang/rust#102211).
+        let mut jobs: Vec<LayerFetch<'_>> = Vec::with_capacity(manifest.layers.len());
+        for (index, desc) in manifest.layers.iter().enumerate() {
+            let job = LayerJob {
+                index,
+                desc,
+                diff_id: &layers.diff_ids[index],
+                chain_id: &layers.chain_ids[index],
+                parent: index
+                    .checked_sub(1)
+                    .and_then(|below| layers.chain_ids.get(below))
+                    .map_or("", String::as_str),
+            };
+            let cx = &cx;
+            jobs.push(Box::pin(self.pull_layer(cx, job).map_ok(|()| ())));
         }
-        let downloads = futures::stream::iter(fetches)
-            .buffer_unordered(self.settings.max_concurrent_downloads)
-            .try_for_each(|slot| {
-                // The unpacker may have stopped already (it failed); try_join! reports that.
-                committed.send(slot).ok();
-                futures::future::ready(Ok(()))
-            });
-        let unpacking = self.unpack_as_layers_arrive(image, lease, manifest, arrivals);
-        let ((), (config, top_chain_id)) = futures::try_join!(downloads, unpacking)?;
+        futures::future::try_join_all(jobs).await?;
+        let top_chain_id = layers.chain_ids.last().cloned().unwrap_or_default();
+        self.containerd
+            .mark_unpacked(&manifest.config.digest, &top_chain_id)
+            .await
+            .map_err(containerd_err)?;
+        let config = layers.config;
 
         // The manifest, then the index, each pointing at its children for the GC.
         let mut labels = HashMap::from([source_label.clone()]);
@@ -469,11 +507,15 @@ impl Puller {
             "containerd.io/gc.ref.content.config".to_owned(),
             manifest.config.digest.clone(),
         );
-        for (i, layer) in manifest.layers.iter().enumerate() {
-            labels.insert(
-                format!("containerd.io/gc.ref.content.l.{i}"),
-                layer.digest.clone(),
-            );
+        // Without kept layer blobs the manifest does not reference them (like CRI's
+        // discard_unpacked_layers): one containerd applied anyway goes with the pull's lease.
+        if self.layers.settings.keep_layer_blobs {
+            for (i, layer) in manifest.layers.iter().enumerate() {
+                labels.insert(
+                    format!("containerd.io/gc.ref.content.l.{i}"),
+                    layer.digest.clone(),
+                );
+            }
         }
         let manifest_guard = self
             .blob_locks
@@ -570,9 +612,9 @@ impl Drop for InFlight {
     }
 }
 
-/// One blob's fetch; it yields the blob's slot (see `unpack::Arrivals`).
-type BlobFetch<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, PullError>> + Send + 'a>>;
+/// One layer's fetch and unpack.
+type LayerFetch<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PullError>> + Send + 'a>>;
 
 const DOCKER_LIST_NEEDLE: &[u8] = manifest::DOCKER_LIST.as_bytes();
 

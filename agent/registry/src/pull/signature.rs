@@ -220,6 +220,8 @@ fn fetch_failed(
         | PullError::Client { .. }
         | PullError::Config { .. }
         | PullError::Containerd { .. }
+        | PullError::Layer { .. }
+        | PullError::Spool { .. }
         | PullError::Signature { .. }
         | PullError::SignatureFetch { .. } => PullError::SignatureFetch {
             image: image.to_string(),
@@ -250,6 +252,8 @@ fn result_label(err: &PullError) -> &'static str {
         | PullError::Registry { .. }
         | PullError::Client { .. }
         | PullError::Config { .. }
+        | PullError::Layer { .. }
+        | PullError::Spool { .. }
         | PullError::Containerd { .. } => "fetch_failed",
     }
 }

@@ -13,8 +13,9 @@ pub(super) struct Stagger {
     share: u64,
 }
 
-/// The slot before which nothing waits: the config and the first layer start at once.
-const FIRST_GATED: usize = super::unpack::layer_slot(1);
+/// The slot before which nothing waits: the config (slot 0) and the first layer (slot 1)
+/// start at once.
+const FIRST_GATED: usize = 2;
 
 impl Stagger {
     /// Gates for `slots` blobs; a head start is `1 / share` of a blob.
@@ -79,8 +80,12 @@ impl Drop for HeadStart {
 mod tests {
     use std::time::Duration;
 
-    use super::super::unpack::layer_slot;
     use super::*;
+
+    /// Layer `index`'s slot: slot 0 is the config.
+    const fn layer_slot(index: usize) -> usize {
+        index + 1
+    }
 
     const WAIT: Duration = Duration::from_millis(50);
 

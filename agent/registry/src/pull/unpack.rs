@@ -1,96 +1,76 @@
-//! Unpacking while the download goes on: each layer is applied to the snapshotter as soon as it
-//! and every layer below it are in containerd's content store, so only the last layer's unpack
-//! is left when the last byte arrives.
+//! Unpacking while the downloads go on: the image config is read first (it names each
+//! layer's diff id, hence its chain id), then every layer is applied as soon as its own bytes
+//! arrive and the snapshot below it is committed, so only the top layer's work is left when
+//! the last byte arrives. Snapshots are committed bottom-up; the [`Ladder`] tells each layer
+//! when its parent is in.
 
-use tokio::sync::mpsc;
-use tracing::debug;
+use tokio::sync::watch;
 
 use super::manifest::Manifest;
 use super::{PullError, Puller, MAX_DOCUMENT};
 use berth_core::order::ImageRef;
-use berth_runtime::containerd::{chain_ids, ContainerdError, Lease, UnpackLayer};
+use berth_runtime::containerd::chain_ids;
 
-/// Which blobs of the manifest are committed: slot 0 is the config, slot i + 1 layer i.
+/// How many layers, counted from the bottom, have their snapshot committed.
 #[derive(Debug)]
-pub(super) struct Arrivals {
-    committed: mpsc::UnboundedReceiver<usize>,
-    done: Vec<bool>,
+pub(super) struct Ladder {
+    committed: watch::Sender<usize>,
 }
 
-/// The sending half: one message per committed blob.
-pub(super) type Committed = mpsc::UnboundedSender<usize>;
-
-/// The slot of the image config.
-pub(super) const CONFIG_SLOT: usize = 0;
-
-/// The slot of layer `index`.
-pub(super) const fn layer_slot(index: usize) -> usize {
-    index + 1
-}
-
-impl Arrivals {
-    /// Tracks the config and `layers` layers.
-    pub(super) fn new(layers: usize) -> (Committed, Self) {
-        let (sender, committed) = mpsc::unbounded_channel();
-        (
-            sender,
-            Self {
-                committed,
-                done: vec![false; layers + 1],
-            },
-        )
-    }
-
-    /// Waits until blob `slot` is committed; false if the downloads ended without it.
-    async fn wait(&mut self, slot: usize) -> bool {
-        while !self.done.get(slot).copied().unwrap_or(false) {
-            match self.committed.recv().await {
-                Some(arrived) => {
-                    if let Some(done) = self.done.get_mut(arrived) {
-                        *done = true;
-                    }
-                }
-                None => return false,
-            }
+impl Ladder {
+    pub(super) fn new() -> Self {
+        Self {
+            committed: watch::Sender::new(0),
         }
-        true
     }
+
+    /// Whether the parent of layer `index` is committed (always, for the first layer).
+    pub(super) fn parent_committed(&self, index: usize) -> bool {
+        *self.committed.borrow() >= index
+    }
+
+    /// Waits until the parent of layer `index` is committed.
+    pub(super) async fn wait_for_parent(&self, index: usize) {
+        let mut committed = self.committed.subscribe();
+        // The sender is `self`: the wait cannot fail while it lives.
+        committed.wait_for(|count| *count >= index).await.ok();
+    }
+
+    /// Layer `index` is committed (so are all below it).
+    pub(super) fn committed(&self, index: usize) {
+        self.committed
+            .send_modify(|count| *count = (*count).max(index + 1));
+    }
+}
+
+/// The image config, parsed, and the layers' diff ids and chain ids.
+pub(super) struct Layers {
+    pub(super) config: oci_spec::image::ImageConfiguration,
+    pub(super) diff_ids: Vec<String>,
+    pub(super) chain_ids: Vec<String>,
 }
 
 impl Puller {
-    /// Reads the config once it is in, checks its diff ids against the layers, then applies the
-    /// layers bottom-up as they arrive. Returns the config and the top chain id.
-    pub(super) async fn unpack_as_layers_arrive(
+    /// Reads the committed config back and checks its diff ids against the manifest's layers.
+    pub(super) async fn read_config(
         &self,
         image: &ImageRef,
-        lease: &Lease,
         manifest: &Manifest,
-        mut arrivals: Arrivals,
-    ) -> Result<(oci_spec::image::ImageConfiguration, String), PullError> {
-        let containerd_err = |source| PullError::Containerd {
-            image: image.to_string(),
-            source,
-        };
-        let never_arrived = || {
-            containerd_err(ContainerdError::Protocol {
-                op: "content.write",
-                reason: "the downloads ended without a blob of the manifest",
-            })
-        };
-        if !arrivals.wait(CONFIG_SLOT).await {
-            return Err(never_arrived());
-        }
+    ) -> Result<Layers, PullError> {
         let config_bytes = self
             .containerd
             .read_blob(&manifest.config.digest, MAX_DOCUMENT)
             .await
-            .map_err(containerd_err)?;
+            .map_err(|source| PullError::Containerd {
+                image: image.to_string(),
+                source,
+            })?;
         let config: oci_spec::image::ImageConfiguration = serde_json::from_slice(&config_bytes)
             .map_err(|source| PullError::Config {
                 image: image.to_string(),
                 source,
             })?;
-        let diff_ids = config.rootfs().diff_ids();
+        let diff_ids = config.rootfs().diff_ids().clone();
         if diff_ids.len() != manifest.layers.len() {
             return Err(PullError::Unsupported {
                 image: image.to_string(),
@@ -99,36 +79,12 @@ impl Puller {
                 ),
             });
         }
-        let chain = chain_ids(&diff_ids.iter().map(String::as_str).collect::<Vec<_>>());
-        let mut parent = String::new();
-        for (index, ((layer, diff_id), chain_id)) in
-            manifest.layers.iter().zip(diff_ids).zip(&chain).enumerate()
-        {
-            if !arrivals.wait(layer_slot(index)).await {
-                return Err(never_arrived());
-            }
-            let layer = UnpackLayer {
-                media_type: layer.media_type.clone(),
-                digest: layer.digest.clone(),
-                size: i64::try_from(layer.size).unwrap_or(i64::MAX),
-                diff_id: diff_id.clone(),
-            };
-            // One unpack per chain id at a time: pulls of other tags of this image that need
-            // the same layer wait here and then find its snapshot committed.
-            let _snapshot_guard = self.blob_locks.lock(format!("snapshot/{chain_id}")).await;
-            debug!(index, digest = %layer.digest, "unpacking layer");
-            self.containerd
-                .unpack_layer(lease, &layer, chain_id, &parent)
-                .await
-                .map_err(containerd_err)?;
-            debug!(index, digest = %layer.digest, "layer unpacked");
-            parent.clone_from(chain_id);
-        }
-        self.containerd
-            .mark_unpacked(&manifest.config.digest, &parent)
-            .await
-            .map_err(containerd_err)?;
-        Ok((config, parent))
+        let chain_ids = chain_ids(&diff_ids.iter().map(String::as_str).collect::<Vec<_>>());
+        Ok(Layers {
+            config,
+            diff_ids,
+            chain_ids,
+        })
     }
 }
 
@@ -139,24 +95,19 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_layer_is_ready_only_once_it_is_committed() {
-        let (committed, mut arrivals) = Arrivals::new(3);
-        committed.send(layer_slot(2)).unwrap();
-        committed.send(CONFIG_SLOT).unwrap();
-        assert!(arrivals.wait(CONFIG_SLOT).await);
-        tokio::time::timeout(Duration::from_millis(50), arrivals.wait(layer_slot(0)))
+    async fn a_layer_waits_for_its_parent_only() {
+        let ladder = Ladder::new();
+        assert!(ladder.parent_committed(0), "the first layer has no parent");
+        assert!(!ladder.parent_committed(1));
+        tokio::time::timeout(Duration::from_millis(50), ladder.wait_for_parent(1))
             .await
-            .expect_err("layer 0 has not arrived");
-        committed.send(layer_slot(0)).unwrap();
-        assert!(arrivals.wait(layer_slot(0)).await);
-        assert!(
-            arrivals.wait(layer_slot(2)).await,
-            "seen while waiting for 0"
-        );
-        drop(committed);
-        assert!(
-            !arrivals.wait(layer_slot(1)).await,
-            "the downloads ended without it"
-        );
+            .expect_err("layer 0 is not committed");
+        ladder.committed(0);
+        ladder.wait_for_parent(1).await;
+        assert!(ladder.parent_committed(1));
+        assert!(!ladder.parent_committed(2));
+        ladder.committed(2);
+        ladder.committed(1);
+        assert!(ladder.parent_committed(3), "a late report does not go back");
     }
 }

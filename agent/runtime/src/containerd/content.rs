@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use containerd_client::services::v1::{
-    AbortRequest, Info, InfoRequest, ReadContentRequest, UpdateRequest, WriteAction,
+    AbortRequest, Info, InfoRequest, ReadContentRequest, StatusRequest, UpdateRequest, WriteAction,
     WriteContentRequest, WriteContentResponse,
 };
 use tokio::sync::mpsc;
@@ -138,6 +138,28 @@ impl Containerd {
             Ok(_) => Ok(true),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
             Err(status) => Err(ContainerdError::rpc("content.info")(status)),
+        }
+    }
+
+    /// The bytes a partial ingest `reference` holds; 0 when there is none.
+    pub async fn ingest_offset(&self, reference: &str) -> Result<u64, ContainerdError> {
+        let result = self
+            .content()
+            .status(self.request(
+                StatusRequest {
+                    r#ref: reference.to_owned(),
+                },
+                None,
+            ))
+            .await;
+        match result {
+            Ok(reply) => Ok(reply
+                .into_inner()
+                .status
+                .and_then(|status| u64::try_from(status.offset).ok())
+                .unwrap_or(0)),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(0),
+            Err(status) => Err(ContainerdError::rpc("content.status")(status)),
         }
     }
 

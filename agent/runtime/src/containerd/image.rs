@@ -2,17 +2,15 @@
 
 use std::collections::HashMap;
 
-use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-};
+use containerd_client::services::v1::snapshots::{RemoveSnapshotRequest, StatSnapshotRequest};
 use containerd_client::services::v1::{
     ApplyRequest, CreateImageRequest, DeleteImageRequest, GetImageRequest, Image,
     ListImagesRequest, UpdateImageRequest,
 };
 use containerd_client::types::Descriptor;
-use rand::Rng as _;
 use sha2::{Digest as _, Sha256};
 
+use super::snapshot::Prepared;
 use super::{Containerd, ContainerdError, Lease};
 
 /// An image record as berth reads it back.
@@ -263,33 +261,9 @@ impl Containerd {
         chain_id: &str,
         parent: &str,
     ) -> Result<(), ContainerdError> {
-        let nonce: u32 = rand::rng().random();
-        let key = format!("extract-{nonce:08x} {chain_id}");
-        let mut labels = HashMap::new();
-        labels.insert("containerd.io/snapshot.ref".to_owned(), chain_id.to_owned());
-        let prepared = self
-            .snapshots()
-            .prepare(self.request(
-                PrepareSnapshotRequest {
-                    snapshotter: self.snapshotter().to_owned(),
-                    key: key.clone(),
-                    parent: parent.to_owned(),
-                    labels: labels.clone(),
-                },
-                Some(lease),
-            ))
-            .await;
-        let mounts = match prepared {
-            Ok(reply) => reply.into_inner().mounts,
-            // Another pull committed this chain id meanwhile ("target snapshot exists"): the
-            // layer is unpacked, as containerd's own unpacker concludes.
-            Err(status)
-                if status.code() == tonic::Code::AlreadyExists
-                    && self.snapshot_exists(chain_id).await? =>
-            {
-                return Ok(());
-            }
-            Err(status) => return Err(ContainerdError::rpc("snapshots.prepare")(status)),
+        let extraction = match self.prepare_extraction(lease, chain_id, parent).await? {
+            Prepared::Ready(extraction) => extraction,
+            Prepared::Committed => return Ok(()),
         };
         let applied = self
             .diff()
@@ -301,7 +275,7 @@ impl Containerd {
                         size: layer.size,
                         annotations: HashMap::new(),
                     }),
-                    mounts,
+                    mounts: extraction.mounts().to_vec(),
                     payloads: HashMap::new(),
                     sync_fs: false,
                 },
@@ -316,47 +290,20 @@ impl Containerd {
                 .map(|d| d.digest)
                 .unwrap_or_default(),
             Err(err) => {
-                self.remove_snapshot(&key).await.ok();
+                self.discard_extraction(extraction).await.ok();
                 return Err(err);
             }
         };
         if applied != layer.diff_id {
-            self.remove_snapshot(&key).await.ok();
+            self.discard_extraction(extraction).await.ok();
             return Err(ContainerdError::DiffIdMismatch {
                 layer: layer.digest.clone(),
                 expected: layer.diff_id.clone(),
                 actual: applied,
             });
         }
-        let committed = self
-            .snapshots()
-            .commit(self.request(
-                CommitSnapshotRequest {
-                    snapshotter: self.snapshotter().to_owned(),
-                    name: chain_id.to_owned(),
-                    key: key.clone(),
-                    labels,
-                },
-                Some(lease),
-            ))
-            .await;
-        match committed {
-            Ok(_) => {}
-            // Someone committed the same chain id meanwhile: theirs is as good as ours.
-            Err(status) if status.code() == tonic::Code::AlreadyExists => {
-                self.remove_snapshot(&key).await.ok();
-            }
-            Err(status) => {
-                self.remove_snapshot(&key).await.ok();
-                return Err(ContainerdError::rpc("snapshots.commit")(status));
-            }
-        }
-        let mut uncompressed = HashMap::new();
-        uncompressed.insert(
-            "containerd.io/uncompressed".to_owned(),
-            layer.diff_id.clone(),
-        );
-        self.update_content_labels(&layer.digest, uncompressed)
+        self.commit_extraction(lease, extraction).await?;
+        self.mark_layer_uncompressed(&layer.digest, &layer.diff_id)
             .await
     }
 

@@ -7,6 +7,7 @@ mod container;
 mod content;
 mod image;
 mod lease;
+mod snapshot;
 mod task;
 mod version;
 
@@ -15,6 +16,7 @@ pub use container::{ContainerRecord, NewContainer};
 pub use content::{BlobWriter, OpenedBlob};
 pub use image::{chain_ids, ListedImage, UnpackLayer};
 pub use lease::{rfc3339, Lease};
+pub use snapshot::{uncompressed_label, Extraction, OverlayDirs, Prepared};
 pub use version::{ContainerdVersion, MINIMUM as MINIMUM_VERSION};
 
 /// A failed containerd call. The `Status` is kept as the source and never stringified into

@@ -60,7 +60,7 @@ mod tests {
             .file_with("d/setgid", b"sgid", 0o2711, (0, 50), MTIME + 2)
             .dir("tmp", 0o1777)
             .symlink("d/link", "setuid")
-            .hardlink("d/hard", "d/setuid")
+            .hardlink_with("d/hard", "d/setuid", 0o4755, (1000, 1000), MTIME + 1)
             .node("dev/null", EntryType::Char, (1, 3), 0o666)
             .node("dev/loop0", EntryType::Block, (7, 0), 0o660)
             .node("d/fifo", EntryType::Fifo, (0, 0), 0o640)
@@ -179,6 +179,30 @@ mod tests {
 
         // Missing parents are created 0755.
         assert_eq!(meta("dev").mode() & 0o7777, 0o755);
+        scratch.assert_outside_untouched();
+    }
+
+    /// As containerd's applier does: the link entry's own header (owner, mode, times) is
+    /// applied to the inode the link shares, and chowning drops file capabilities.
+    #[test]
+    fn a_hardlink_entry_sets_the_shared_inodes_metadata() {
+        let scratch = Scratch::new();
+        let mut layer = Layer::new();
+        layer
+            .pax(&[("SCHILY.xattr.security.capability", &CAPABILITY)])
+            .file_with("caps", b"bin", 0o4755, (7, 8), MTIME + 5)
+            .hardlink_with("caps-link", "caps", 0o640, (1, 2), MTIME + 9);
+        layer
+            .blob(Compression::None)
+            .apply(&scratch.root, Whiteouts::Remove)
+            .unwrap();
+        let meta = std::fs::symlink_metadata(scratch.path("caps")).unwrap();
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid(), meta.gid(), meta.mtime()),
+            (0o640, 1, 2, (MTIME + 9) as i64)
+        );
+        assert_eq!(meta.nlink(), 2);
+        assert_eq!(xattr(&scratch.path("caps"), "security.capability"), None);
         scratch.assert_outside_untouched();
     }
 

@@ -82,7 +82,22 @@ impl Layer {
     }
 
     pub(crate) fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
-        let mut header = header(EntryType::Link, 0o644, 0);
+        self.hardlink_with(path, target, 0o644, (0, 0), MTIME)
+    }
+
+    /// A hardlink entry with its own header's metadata (tar writers give it the inode's).
+    pub(crate) fn hardlink_with(
+        &mut self,
+        path: &str,
+        target: &str,
+        mode: u32,
+        (uid, gid): (u64, u64),
+        mtime: u64,
+    ) -> &mut Self {
+        let mut header = header(EntryType::Link, mode, 0);
+        header.set_uid(uid);
+        header.set_gid(gid);
+        header.set_mtime(mtime);
         self.builder.append_link(&mut header, path, target).unwrap();
         self
     }
