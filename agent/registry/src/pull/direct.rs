@@ -58,6 +58,9 @@ struct LayerSink<'a, 'w> {
     feeder: Feeder<'a>,
 }
 
+/// Docker's zstd layer type, which berth applies itself on every containerd.
+const DOCKER_TAR_ZSTD: &str = "application/vnd.docker.image.rootfs.diff.tar.zstd";
+
 impl Sink for LayerSink<'_, '_> {
     async fn write(&mut self, chunk: Bytes) -> Result<(), Failure> {
         if let Some(content) = &mut self.content {
@@ -252,13 +255,18 @@ impl Puller {
             image: image.to_string(),
             source,
         };
+        // A layer type containerd's applier may not know (Docker's tar.zstd: containerd 1.6
+        // and 1.7 refuse it) is never handed to it: berth downloads and applies it even when
+        // the content store has the blob already.
+        let berth_only = desc.media_type == DOCKER_TAR_ZSTD;
         // A blob containerd has already (another namespace pulled it, or an older berthd kept
         // it) is applied from there rather than downloaded again.
-        if self
-            .containerd
-            .has_blob(&desc.digest)
-            .await
-            .map_err(containerd_err)?
+        if !berth_only
+            && self
+                .containerd
+                .has_blob(&desc.digest)
+                .await
+                .map_err(containerd_err)?
         {
             return Ok(Direct::Fallback("the layer blob is in the content store"));
         }
@@ -266,12 +274,13 @@ impl Puller {
         let reference = format!("berth-blob-{}", desc.digest);
         // A partial download an earlier order left (it failed, or berthd stopped) is resumed
         // where it ended rather than fetched whole; berth's applier would need every byte.
-        if self
-            .containerd
-            .ingest_offset(&reference)
-            .await
-            .map_err(containerd_err)?
-            > 0
+        if !berth_only
+            && self
+                .containerd
+                .ingest_offset(&reference)
+                .await
+                .map_err(containerd_err)?
+                > 0
         {
             return Ok(Direct::Fallback(
                 "a partial download of the blob is in the content store",
@@ -291,6 +300,9 @@ impl Puller {
                 .await
                 .map_err(containerd_err)?
             {
+                // Stored meanwhile (the same layer twice in one image): berth applies its own
+                // download, without writing the blob again.
+                OpenedBlob::Present if berth_only => {}
                 OpenedBlob::Present => {
                     return Ok(Direct::Fallback("the layer blob is in the content store"))
                 }
