@@ -371,23 +371,8 @@ fn make_directory(place: &Placement<'_>, header: &Header, exists: bool) -> Resul
 fn make_symlink(place: &Placement<'_>, header: &Header, target: &[u8]) -> Result<(), ApplyError> {
     let failed = |err: Errno| place.failed(err.into());
     symlinkat(OsStr::from_bytes(target), place.parent, place.name()).map_err(failed)?;
-    chownat(
-        place.parent,
-        place.name(),
-        Some(header.uid),
-        Some(header.gid),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(failed)?;
-    set_xattrs_at(place, header)?;
-    utimensat(
-        place.parent,
-        place.name(),
-        &header.times,
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(failed)?;
-    Ok(())
+    // A symlink has no mode of its own to set.
+    set_metadata_at(place, header, false)
 }
 
 /// A hardlink shares the target's inode. As containerd's applier does, the
@@ -424,35 +409,9 @@ fn make_hardlink(place: &Placement<'_>, header: &Header, target: &[u8]) -> Resul
         AtFlags::empty(),
     )
     .map_err(|err| place.failed(err.into()))?;
-    let failed = |err: Errno| place.failed(err.into());
-    chownat(
-        place.parent,
-        place.name(),
-        Some(header.uid),
-        Some(header.gid),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(failed)?;
-    set_xattrs_at(place, header)?;
-    if !target_is_symlink {
-        // The name was just linked to a file that is not a symlink, so this
-        // changes that inode and follows nothing.
-        chmodat(
-            place.parent,
-            place.name(),
-            Mode::from_raw_mode(header.mode),
-            AtFlags::empty(),
-        )
-        .map_err(failed)?;
-    }
-    utimensat(
-        place.parent,
-        place.name(),
-        &header.times,
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(failed)?;
-    Ok(())
+    // The name was just linked to a file that is not a symlink (then its mode is
+    // set, which changes that inode and follows nothing) or to a symlink.
+    set_metadata_at(place, header, !target_is_symlink)
 }
 
 fn make_node(
@@ -470,6 +429,16 @@ fn make_node(
         device,
     )
     .map_err(failed)?;
+    // The node was just made by mknodat, so it is not a symlink.
+    set_metadata_at(place, header, true)
+}
+
+/// Applies an entry's owner, xattrs, mode (when `chmod`: the entry is known
+/// not to be a symlink, so `chmodat` follows nothing) and times to the name
+/// it was just created under, in containerd's order (chown clears set-id
+/// bits and capabilities, so the mode comes after it).
+fn set_metadata_at(place: &Placement<'_>, header: &Header, chmod: bool) -> Result<(), ApplyError> {
+    let failed = |err: Errno| place.failed(err.into());
     chownat(
         place.parent,
         place.name(),
@@ -479,14 +448,15 @@ fn make_node(
     )
     .map_err(failed)?;
     set_xattrs_at(place, header)?;
-    // The node was just made by mknodat, so it is not a symlink.
-    chmodat(
-        place.parent,
-        place.name(),
-        Mode::from_raw_mode(header.mode),
-        AtFlags::empty(),
-    )
-    .map_err(failed)?;
+    if chmod {
+        chmodat(
+            place.parent,
+            place.name(),
+            Mode::from_raw_mode(header.mode),
+            AtFlags::empty(),
+        )
+        .map_err(failed)?;
+    }
     utimensat(
         place.parent,
         place.name(),
