@@ -399,7 +399,10 @@ impl Puller {
             Err(err) if err.is_retryable() => {
                 info!(lease = %lease.id(), "keeping the partial blobs of a failed pull for a retry");
             }
-            _ => {
+            Err(_) => {
+                self.containerd.release_and_collect(lease).await.ok();
+            }
+            Ok(_) => {
                 self.containerd.release(lease).await.ok();
             }
         }

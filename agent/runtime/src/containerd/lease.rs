@@ -51,17 +51,23 @@ impl Containerd {
         Ok(Lease { id })
     }
 
-    /// Ends a lease; what it protected is collected unless something else references it.
+    /// Ends a lease; what it protected is collected at containerd's next GC unless something
+    /// else references it.
     pub async fn release(&self, lease: Lease) -> Result<(), ContainerdError> {
+        self.delete_lease(lease, false).await
+    }
+
+    /// Ends the lease of failed work and waits for containerd's GC to collect what only it held,
+    /// so the failure leaves no snapshot or blob behind. (containerd 1.6 may otherwise wait for
+    /// a hundred more mutations before it collects.)
+    pub async fn release_and_collect(&self, lease: Lease) -> Result<(), ContainerdError> {
+        self.delete_lease(lease, true).await
+    }
+
+    async fn delete_lease(&self, lease: Lease, sync: bool) -> Result<(), ContainerdError> {
         let result = self
             .leases()
-            .delete(self.request(
-                DeleteLeaseRequest {
-                    id: lease.id,
-                    sync: false,
-                },
-                None,
-            ))
+            .delete(self.request(DeleteLeaseRequest { id: lease.id, sync }, None))
             .await
             .map_err(ContainerdError::rpc("leases.delete"));
         super::ignore_not_found(result)
