@@ -14,6 +14,9 @@
 #   --fresh-images   generate the random images again even when a cached layout exists
 #   --gzip-level L   gzip level of the generated layers (default 0; see bench/mkimage.py)
 #   --debug-logs     run berthd with BERTH_LOG=debug (timestamps for a breakdown; slower)
+#   --discard-layer-blobs  berthd with [containerd] keep_layer_blobs = false
+#   --perf           profile every cold pull system-wide (perf record -a -g, 999 Hz): where the
+#                    CPU goes, per process and per function, in results/<time>/perf/
 #   --containerd V   measure on containerd V (1.6, 1.7 or 2.1; scripts/containerd.sh fetches
 #                    it): its containerd, ctr and shim come first on PATH, for berth and ctr
 #                    alike; the default is the system containerd
@@ -69,6 +72,8 @@ build=1
 fresh_images=0
 gzip_level=0
 berth_log=info
+perf=0
+keep_layer_blobs=true
 containerd_version=""
 while (($#)); do
     case "$1" in
@@ -82,6 +87,8 @@ while (($#)); do
         --fresh-images) fresh_images=1 ;;
         --gzip-level) gzip_level="$2"; shift ;;
         --debug-logs) berth_log=debug ;;
+        --perf) perf=1 ;;
+        --discard-layer-blobs) keep_layer_blobs=false ;;
         --containerd) containerd_version="$2"; shift ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -149,6 +156,7 @@ mkdir -p "$RUN_DIR"
 # processes started here: recorded by pid, stopped by pid
 # ------------------------------------------------------------------------------------------
 registry_pid=""
+perf_pid=""
 ctrd_pid=""
 ctrd_dir=""
 ctrd_ns=""
@@ -288,6 +296,7 @@ metrics_listen = "$berthd_metrics"
 [containerd]
 socket = "$ctrd_dir/containerd.sock"
 namespace = "$ctrd_ns"
+keep_layer_blobs = $keep_layer_blobs
 
 [secrets]
 key_file = "$dir/secrets.key"
@@ -339,6 +348,7 @@ on_exit() {
     local status=$?
     berthd_stop 2>/dev/null || true
     ctrd_stop 2>/dev/null || true
+    stop_pid "$perf_pid" 5 2>/dev/null || true
     stop_pid "$registry_pid" 10 2>/dev/null || true
     if [[ $status -ne 0 ]]; then
         printf '\nbench: FAILED (exit %s). Results so far: %s; run dir: %s\n' "$status" "$RESULTS" "$RUN_DIR" >&2
@@ -366,6 +376,7 @@ step "machine"
     printf 'filesystem\t%s\n' "$(df -T "$work_dir" | awk 'NR == 2 { print $2 }')"
     printf 'load_start\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
     printf 'gzip_level\t%s\n' "$gzip_level"
+    printf 'keep_layer_blobs\t%s\n' "$keep_layer_blobs"
 } >"$RESULTS/machine.tsv"
 sed 's/\t/: /' "$RESULTS/machine.tsv" | sed 's/^/    /'
 
@@ -510,6 +521,38 @@ snapshot_count() { ctr_ snapshots ls 2>/dev/null | grep -c Committed || true; }
 # ------------------------------------------------------------------------------------------
 # scenarios
 # ------------------------------------------------------------------------------------------
+# With --perf: the whole machine sampled while one pull runs; the report keeps the top of the
+# profile by process, by shared object and by function.
+perf_start() { # NAME
+    ((perf)) || return 0
+    mkdir -p "$RESULTS/perf"
+    perf_name="$1"
+    perf record -a -g -F 999 -o "$RUN_DIR/$perf_name.perf.data" >/dev/null 2>&1 &
+    perf_pid=$!
+    sleep 0.3 # perf's own start-up is not part of the pull
+}
+
+perf_stop() {
+    ((perf)) || return 0
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    local data="$RUN_DIR/$perf_name.perf.data" out="$RESULTS/perf/$perf_name.txt"
+    (
+        set +o pipefail # head closes the pipe early
+        printf '# %s: share of CPU samples, by process\n' "$perf_name"
+        perf report -i "$data" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+        printf '\n# by process and shared object\n'
+        perf report -i "$data" --stdio --no-children --sort comm,dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -30
+        # berthd's threads are tokio-rt-worker; containerd's Go symbols are stripped in Debian.
+        for comm in tokio-rt-worker containerd docker-registry; do
+            printf '\n# %s by function (share of all samples)\n' "$comm"
+            perf report -i "$data" --stdio --no-children --comms "$comm" --sort symbol -g none 2>/dev/null |
+                grep -v '^#' | grep -v '^$' | head -40
+        done
+    ) >"$out"
+    rm -f "$data"
+}
+
 cold_berth() { # IMAGE REP
     local image="$1" rep="$2" started cpu0 cpud0 wall
     ctrd_start "cold-berth-$image-$rep"
@@ -517,11 +560,13 @@ cold_berth() { # IMAGE REP
     record cold "$image" berth "$rep" load "$(loadavg)"
     cpu0="$(cpu_seconds "$berthd_pid")"
     cpud0="$(cpu_seconds "$ctrd_pid")"
+    perf_start "cold-$image-berth-$rep"
     started="$(now)"
     timed_cpu "$RUN_DIR/cli-cpu" "$BERTH_BIN" --address "$berthd_sock" pull "$(image_ref "$image")" \
         --pull-secret "$secret_id" >/dev/null ||
         die "berth pull $image failed; see $ctrd_dir/berthd/berthd.log"
     wall="$(since "$started")"
+    perf_stop
     record cold "$image" berth "$rep" seconds "$wall"
     record cold "$image" berth "$rep" cpu_client "$(awk -v a="$cpu0" -v b="$(cpu_seconds "$berthd_pid")" -v c="$(cat "$RUN_DIR/cli-cpu")" 'BEGIN { printf "%.2f", b - a + c }')"
     record cold "$image" berth "$rep" cpu_containerd "$(diff_of "$cpud0" "$(cpu_seconds "$ctrd_pid")")"
@@ -537,10 +582,12 @@ cold_ctr() { # IMAGE REP
     ctrd_start "cold-ctr-$image-$rep"
     record cold "$image" ctr "$rep" load "$(loadavg)"
     cpud0="$(cpu_seconds "$ctrd_pid")"
+    perf_start "cold-$image-ctr-$rep"
     started="$(now)"
     timed_cpu "$RUN_DIR/cli-cpu" ctr --address "$ctrd_dir/containerd.sock" -n "$ctrd_ns" images pull --plain-http --user "$REGISTRY_USER:$REGISTRY_PASSWORD" \
         "$(image_ref "$image")" >/dev/null || die "ctr images pull $image failed"
     wall="$(since "$started")"
+    perf_stop
     record cold "$image" ctr "$rep" seconds "$wall"
     record cold "$image" ctr "$rep" cpu_client "$(cat "$RUN_DIR/cli-cpu")"
     record cold "$image" ctr "$rep" cpu_containerd "$(diff_of "$cpud0" "$(cpu_seconds "$ctrd_pid")")"
