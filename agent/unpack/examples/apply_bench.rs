@@ -80,7 +80,7 @@ fn bench(name: &str, tar: &[u8], compression: Compression) -> Result<(), Box<dyn
     let blob = compress(tar, compression)?;
     let spec = LayerSpec {
         compression,
-        digest: Sha256Digest::of(&blob),
+        digest: Some(Sha256Digest::of(&blob)),
         size: blob.len() as u64,
         diff_id: Sha256Digest::of(tar),
     };

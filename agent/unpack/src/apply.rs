@@ -28,8 +28,10 @@ const COPY_BUFFER_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct LayerSpec {
     pub compression: Compression,
-    /// Digest of the blob as downloaded (the descriptor's `digest`).
-    pub digest: Sha256Digest,
+    /// Digest of the blob as downloaded (the descriptor's `digest`), checked
+    /// by the applier; `None` when the caller checks it (and commits nothing
+    /// unless it matched), so the hashing can run beside the apply.
+    pub digest: Option<Sha256Digest>,
     /// Size of the blob as downloaded (the descriptor's `size`).
     pub size: u64,
     /// Digest of the uncompressed tar (the config's `rootfs.diff_ids[i]`).

@@ -1,6 +1,8 @@
 //! The one digest algorithm layers are checked with: `sha256:<64 lowercase hex>`.
 
 use std::fmt;
+use std::sync::mpsc;
+use std::thread;
 
 use sha2::{Digest as _, Sha256};
 
@@ -53,6 +55,100 @@ impl Sha256Digest {
     }
 }
 
+/// SHA-256 on a thread of its own: the bytes are gathered into buffers of
+/// `HASH_BUFFER_BYTES` and handed over, so the caller (inflating and writing
+/// a layer) and the hashing run on two cores. The buffers go back and forth
+/// between the two threads: at most `HASH_BUFFERS` + 1 exist.
+pub(crate) enum BackgroundSha256 {
+    Threaded {
+        current: Vec<u8>,
+        full: mpsc::SyncSender<Vec<u8>>,
+        spare: mpsc::Receiver<Vec<u8>>,
+        hasher: thread::JoinHandle<Sha256>,
+    },
+    /// No thread could be started: the same digest, hashed inline.
+    Inline(Sha256),
+}
+
+const HASH_BUFFER_BYTES: usize = 256 << 10;
+const HASH_BUFFERS: usize = 4;
+
+impl BackgroundSha256 {
+    pub(crate) fn new() -> Self {
+        let (full, full_receiver) = mpsc::sync_channel::<Vec<u8>>(HASH_BUFFERS);
+        let (spare_sender, spare) = mpsc::sync_channel::<Vec<u8>>(HASH_BUFFERS);
+        let hasher = thread::Builder::new()
+            .name("berth-sha256".to_owned())
+            .spawn(move || {
+                let mut hasher = Sha256::new();
+                for mut buffer in full_receiver {
+                    hasher.update(&buffer);
+                    buffer.clear();
+                    // A full spare queue, or a reader that is gone: the buffer is dropped.
+                    spare_sender.try_send(buffer).ok();
+                }
+                hasher
+            });
+        match hasher {
+            Ok(hasher) => Self::Threaded {
+                current: Vec::with_capacity(HASH_BUFFER_BYTES),
+                full,
+                spare,
+                hasher,
+            },
+            Err(_) => Self::Inline(Sha256::new()),
+        }
+    }
+
+    pub(crate) fn update(&mut self, mut data: &[u8]) {
+        let (current, full, spare) = match self {
+            Self::Inline(hasher) => {
+                hasher.update(data);
+                return;
+            }
+            Self::Threaded {
+                current,
+                full,
+                spare,
+                ..
+            } => (current, full, spare),
+        };
+        while !data.is_empty() {
+            let take = (HASH_BUFFER_BYTES - current.len()).min(data.len());
+            current.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if current.len() == HASH_BUFFER_BYTES {
+                let next = spare
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(HASH_BUFFER_BYTES));
+                // The hasher thread runs until `full` is dropped, in `finish`.
+                full.send(std::mem::replace(current, next)).ok();
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) -> Sha256Digest {
+        match self {
+            Self::Inline(hasher) => Sha256Digest::from_hasher(hasher),
+            Self::Threaded {
+                current,
+                full,
+                hasher,
+                ..
+            } => {
+                full.send(current).ok();
+                drop(full);
+                match hasher.join() {
+                    Ok(hasher) => Sha256Digest::from_hasher(hasher),
+                    // The hasher thread has nothing that panics; if it did, the layer gets a
+                    // digest no tar has, and is refused.
+                    Err(_) => Sha256Digest([0xff; 32]),
+                }
+            }
+        }
+    }
+}
+
 impl fmt::Display for Sha256Digest {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(formatter, "sha256:{}", hex::encode(self.0))
@@ -69,6 +165,28 @@ impl fmt::Debug for Sha256Digest {
 mod tests {
     use super::*;
     use crate::error::ApplyErrorKind;
+
+    #[test]
+    fn the_background_hasher_gives_the_digest_of_all_it_was_given() {
+        let data: Vec<u8> = (0..3 * HASH_BUFFER_BYTES + 12_345)
+            .map(|i| u8::try_from(i % 251).unwrap_or(0))
+            .collect();
+        for step in [
+            1,
+            511,
+            4096,
+            HASH_BUFFER_BYTES,
+            HASH_BUFFER_BYTES + 1,
+            data.len(),
+        ] {
+            let mut hasher = BackgroundSha256::new();
+            for chunk in data.chunks(step) {
+                hasher.update(chunk);
+            }
+            assert_eq!(hasher.finish(), Sha256Digest::of(&data), "chunks of {step}");
+        }
+        assert_eq!(BackgroundSha256::new().finish(), Sha256Digest::of(b""));
+    }
 
     #[test]
     fn parses_and_prints_sha256() {

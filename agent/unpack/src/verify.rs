@@ -1,6 +1,7 @@
 //! Readers that check a layer while it streams: [`VerifyingReader`] on the
-//! compressed blob (descriptor digest and size) and `DiffReader` on the
-//! uncompressed tar (diff id and the uncompressed-size limit).
+//! compressed blob (descriptor size, and digest unless the caller checks it)
+//! and `DiffReader` on the uncompressed tar (diff id and the
+//! uncompressed-size limit).
 //!
 //! Both keep what went wrong in their state, because the tar parser and the
 //! decompressors above them wrap or replace the `io::Error`s they return;
@@ -11,18 +12,19 @@ use std::io::{self, Read};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::digest::Sha256Digest;
+use crate::digest::{BackgroundSha256, Sha256Digest};
 use crate::error::ApplyError;
 
 /// Reads a compressed layer blob and checks it against its descriptor:
-/// every byte is hashed and counted, a byte past the descriptor size is an
-/// error (the stream is never silently cut), and at the end of the input the
-/// size and the SHA-256 digest must match.
+/// every byte is counted, a byte past the descriptor size is an error (the
+/// stream is never silently cut), and at the end of the input the size must
+/// match, and the SHA-256 digest when one is expected (`None`: the caller
+/// hashes the blob itself, e.g. on another thread while it downloads).
 pub struct VerifyingReader<R> {
     inner: R,
-    expected_digest: Sha256Digest,
+    expected_digest: Option<Sha256Digest>,
     expected_size: u64,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     bytes_read: u64,
     state: VerifyState,
 }
@@ -39,12 +41,12 @@ enum VerifyState {
 }
 
 impl<R: Read> VerifyingReader<R> {
-    pub fn new(inner: R, expected_digest: Sha256Digest, expected_size: u64) -> Self {
+    pub fn new(inner: R, expected_digest: Option<Sha256Digest>, expected_size: u64) -> Self {
         Self {
             inner,
             expected_digest,
             expected_size,
-            hasher: Sha256::new(),
+            hasher: expected_digest.map(|_| Sha256::new()),
             bytes_read: 0,
             state: VerifyState::Reading,
         }
@@ -86,10 +88,9 @@ impl<R: Read> VerifyingReader<R> {
                 expected: self.expected_size,
                 actual: self.bytes_read,
             }),
-            VerifyState::DigestMismatch(actual) => Some(ApplyError::CompressedDigest {
-                expected: self.expected_digest,
-                actual,
-            }),
+            VerifyState::DigestMismatch(actual) => self
+                .expected_digest
+                .map(|expected| ApplyError::CompressedDigest { expected, actual }),
         }
     }
 
@@ -102,8 +103,12 @@ impl<R: Read> VerifyingReader<R> {
             self.state = VerifyState::Short;
             return Err(mismatch_error());
         }
-        let actual = Sha256Digest::from_hasher(std::mem::take(&mut self.hasher));
-        if actual == self.expected_digest {
+        let (Some(expected), Some(hasher)) = (self.expected_digest, self.hasher.take()) else {
+            self.state = VerifyState::Verified;
+            return Ok(0);
+        };
+        let actual = Sha256Digest::from_hasher(hasher);
+        if actual == expected {
             self.state = VerifyState::Verified;
             Ok(0)
         } else {
@@ -162,7 +167,9 @@ impl<R: Read> Read for VerifyingReader<R> {
         if count == 0 {
             return self.conclude();
         }
-        self.hasher.update(&buffer[..count]);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buffer[..count]);
+        }
         self.bytes_read += count as u64;
         Ok(count)
     }
@@ -184,7 +191,7 @@ impl<R> fmt::Debug for VerifyingReader<R> {
 /// the uncompressed-size limit.
 pub(crate) struct DiffReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: BackgroundSha256,
     bytes_read: u64,
     limit: u64,
     state: DiffState,
@@ -202,7 +209,7 @@ impl<R: Read> DiffReader<R> {
     pub(crate) fn new(inner: R, limit: u64) -> Self {
         Self {
             inner,
-            hasher: Sha256::new(),
+            hasher: BackgroundSha256::new(),
             bytes_read: 0,
             limit,
             state: DiffState::Reading,
@@ -215,11 +222,7 @@ impl<R: Read> DiffReader<R> {
 
     /// The digest and size of everything read, and the stream underneath.
     pub(crate) fn finish(self) -> (Sha256Digest, u64, R) {
-        (
-            Sha256Digest::from_hasher(self.hasher),
-            self.bytes_read,
-            self.inner,
-        )
+        (self.hasher.finish(), self.bytes_read, self.inner)
     }
 
     pub(crate) fn into_inner(self) -> R {
@@ -272,7 +275,29 @@ mod tests {
 
     fn verifying(data: &[u8], digest_of: &[u8], size: u64) -> VerifyingReader<&'static [u8]> {
         let leaked: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
-        VerifyingReader::new(leaked, Sha256Digest::of(digest_of), size)
+        VerifyingReader::new(leaked, Some(Sha256Digest::of(digest_of)), size)
+    }
+
+    #[test]
+    fn without_an_expected_digest_only_the_size_is_checked() {
+        let data = b"layer bytes";
+        let counted = VerifyingReader::new(&data[..], None, data.len() as u64);
+        assert_eq!(counted.finish().unwrap(), data.len() as u64);
+        let short = VerifyingReader::new(&data[..], None, 20);
+        assert!(matches!(
+            short.finish(),
+            Err(ApplyError::CompressedSize {
+                expected: 20,
+                actual: 11
+            })
+        ));
+        let mut long = VerifyingReader::new(&data[..], None, 4);
+        let mut out = Vec::new();
+        long.read_to_end(&mut out).unwrap_err();
+        assert!(matches!(
+            long.verdict(),
+            Some(ApplyError::CompressedOverrun { expected: 4 })
+        ));
     }
 
     #[test]

@@ -49,14 +49,6 @@ impl Verifier {
         verifier
     }
 
-    /// Checks only the size: the digest is checked by whoever consumes the bytes (berth's layer
-    /// applier hashes what it applies).
-    pub fn counting(digest: &str, size: u64) -> Self {
-        let mut verifier = Self::new(digest, size);
-        verifier.hashing = false;
-        verifier
-    }
-
     /// Feeds the next chunk; refuses the first byte past the declared size.
     pub fn update(&mut self, chunk: &[u8]) -> Result<(), Mismatch> {
         self.seen += chunk.len() as u64;

@@ -186,7 +186,7 @@ impl Blob {
         let bytes = compress(tar, compression);
         let spec = LayerSpec {
             compression,
-            digest: Sha256Digest::of(&bytes),
+            digest: Some(Sha256Digest::of(&bytes)),
             size: bytes.len() as u64,
             diff_id: Sha256Digest::of(tar),
         };
