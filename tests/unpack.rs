@@ -2,6 +2,7 @@
 //! overlayfs snapshots while they download, with and without the layer blobs kept in the
 //! content store, and a layer corrupted in flight.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,7 +13,7 @@ use crate::harness::berthd::{Berthd, BerthdOptions};
 use crate::harness::env::{start_request, Env, RegistryKind};
 use crate::harness::faults::{Fault, FaultProxy, Target, Times};
 use crate::harness::image::layered::PushedLayered;
-use crate::harness::image::TestImage;
+use crate::harness::image::{sha256_digest, TestImage};
 use crate::harness::wait::assert_eventually;
 
 /// The random layer: several HTTP chunks and applier reads.
@@ -96,6 +97,48 @@ async fn a_container_sees_the_files_berth_applied_and_kept_blobs_are_labelled() 
             layer.digest
         );
     }
+    // berthd wrote the layer blobs into containerd's content directory itself (the probe
+    // found that containerd takes them as shared content): containerd serves those very
+    // files, read-only like its own, and the directory holds nothing else (no probe left).
+    assert!(
+        log.contains("writing kept layer blobs into containerd's content directory"),
+        "{log}"
+    );
+    let blobs = env
+        .containerd
+        .dir()
+        .join("root/io.containerd.content.v1.content/blobs/sha256");
+    for layer in &pushed.layers {
+        let hex = layer.digest.trim_start_matches("sha256:");
+        let mode = std::fs::metadata(blobs.join(hex))
+            .with_context(|| format!("no file for layer {}", layer.digest))?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444, "layer {}", layer.digest);
+        let served = env
+            .containerd
+            .ctr(
+                env.containerd.namespace(),
+                &["content", "get", &layer.digest],
+            )
+            .await?;
+        assert!(served.status.success(), "{served:?}");
+        assert_eq!(sha256_digest(&served.stdout), layer.digest);
+    }
+    for entry in std::fs::read_dir(&blobs)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        assert!(
+            content.contains(&format!("sha256:{name}")),
+            "{name} in the content directory is not in the content store:\n{content}"
+        );
+    }
+    let check = env.containerd.ctr_ok(&["images", "check"]).await?;
+    assert!(
+        check
+            .lines()
+            .any(|line| line.contains("team/applied") && line.contains("complete")),
+        "{check}"
+    );
     // No extraction snapshot is left active.
     let left = snapshots(&env).await?;
     assert!(

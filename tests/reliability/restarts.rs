@@ -12,6 +12,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use super::{
     blob_committed, image_names, ingest_offset, tasks, wait_for_state, FaultEnv, LAYER_BYTES,
 };
+use crate::harness::berthd::BerthdOptions;
 use crate::harness::env::{start_request, Env, RegistryKind};
 use crate::harness::faults::{Fault, Target, Times};
 use crate::harness::image::TestImage;
@@ -22,11 +23,19 @@ const PATIENT_REGISTRY: &str = "read_timeout_seconds = 60\n\
                                 retries = 5\n\
                                 pull_deadline_seconds = 120\n";
 
-/// SIGKILL while a layer is half fetched: no image record, the ingest stays, and after a
-/// restart the same order resumes it from the ingest's offset.
+/// With `resumable_layer_blobs`, SIGKILL while a layer is half fetched: no image record, the
+/// ingest stays, and after a restart the same order resumes it from the ingest's offset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::Result<()> {
-    let mut fx = FaultEnv::start(PATIENT_REGISTRY).await?;
+    let mut fx = FaultEnv::start_configured(
+        RegistryKind::Htpasswd,
+        BerthdOptions {
+            registry_toml: PATIENT_REGISTRY.to_owned(),
+            containerd_toml: "resumable_layer_blobs = true".to_owned(),
+            ..BerthdOptions::default()
+        },
+    )
+    .await?;
     let pushed = fx.push("team/killed", &["echo", "ok"], LAYER_BYTES).await?;
     let blob = pushed.random_layer().clone();
     let stall_at = blob.size * 7 / 16;

@@ -107,6 +107,11 @@ pub struct ContainerdConfig {
     /// false: compressed layer blobs are not kept in the content store once their snapshot is
     /// committed (like CRI's discard_unpacked_layers).
     pub keep_layer_blobs: bool,
+    /// true: kept layer blobs stream into containerd's ingest while they download (through
+    /// its Content API), so a download cut by a berthd crash resumes after the restart; false:
+    /// berthd writes them into containerd's content directory itself, which costs containerd
+    /// no CPU, and only a download cut while berthd runs is resumed.
+    pub resumable_layer_blobs: bool,
 }
 
 impl Default for ContainerdConfig {
@@ -116,6 +121,7 @@ impl Default for ContainerdConfig {
             namespace: "berth".to_owned(),
             snapshotter: "overlayfs".to_owned(),
             keep_layer_blobs: true,
+            resumable_layer_blobs: false,
         }
     }
 }

@@ -172,6 +172,7 @@ impl Settings {
                 snapshotter: config.containerd.snapshotter.clone(),
                 layers: LayerSettings {
                     keep_layer_blobs: config.containerd.keep_layer_blobs,
+                    resumable_blobs: config.containerd.resumable_layer_blobs,
                     spool_dir: config.state_dir.join("spool"),
                 },
             },

@@ -2,7 +2,8 @@
 //! retries, Range resumes, stall clock and bandwidth limit) feeds a `Feeder`, which spools
 //! the bytes until the parent snapshot is committed, then prepares the layer's extraction
 //! snapshot and streams the spooled and the remaining bytes into `berth_unpack`'s applier,
-//! which writes the overlay upperdir and checks digest, size and diff id. A layer that fails
+//! which writes the overlay upperdir and checks size and diff id; the download itself
+//! hashes the compressed bytes against the layer digest, on its own thread. A layer that fails
 //! leaves no snapshot behind. With `keep_layer_blobs` the same bytes go into the content store.
 
 use bytes::Bytes;
@@ -11,11 +12,14 @@ use tracing::debug;
 use super::blob::{ContentSink, Failure, Reporter, Sink};
 use super::feed::{Applier, Spool};
 use super::layer::{Direct, LayerJob, PullContext};
+use super::manifest::Descriptor;
 use super::stall::StallClock;
 use super::verify::Verifier;
 use super::{PullError, Puller};
 use berth_core::order::ImageRef;
-use berth_runtime::containerd::{uncompressed_label, BlobWriter, Extraction, OpenedBlob, Prepared};
+use berth_runtime::containerd::{
+    uncompressed_label, BlobFile, BlobWriter, ContainerdError, Extraction, OpenedBlob, Prepared,
+};
 use berth_unpack::apply::{LayerSpec, Target, Whiteouts};
 use berth_unpack::error::ApplyError;
 
@@ -52,9 +56,17 @@ struct Feeder<'a> {
     stop: Option<Stop>,
 }
 
+/// Where a kept layer blob goes while it downloads.
+enum Kept<'w> {
+    /// A file berthd writes into containerd's content directory itself (`BlobDir`).
+    File(BlobFile),
+    /// containerd's ingest, through `Content.Write`.
+    Ingest(ContentSink<'w>),
+}
+
 /// The sink of a direct apply: the feeder, and the content store when blobs are kept.
 struct LayerSink<'a, 'w> {
-    content: Option<ContentSink<'w>>,
+    kept: Option<Kept<'w>>,
     feeder: Feeder<'a>,
 }
 
@@ -63,16 +75,25 @@ const DOCKER_TAR_ZSTD: &str = "application/vnd.docker.image.rootfs.diff.tar.zstd
 
 impl Sink for LayerSink<'_, '_> {
     async fn write(&mut self, chunk: Bytes) -> Result<(), Failure> {
-        if let Some(content) = &mut self.content {
-            content.write(chunk.clone()).await?;
+        match &mut self.kept {
+            Some(Kept::Ingest(content)) => content.write(chunk.clone()).await?,
+            Some(Kept::File(file)) => {
+                if let Err(source) = file.write(chunk.clone()).await {
+                    return Err(self.feeder.fatal_containerd(ContainerdError::ContentFile {
+                        op: "write",
+                        source,
+                    }));
+                }
+            }
+            None => {}
         }
         self.feeder.feed(chunk).await
     }
 
     async fn flush(&mut self) -> Result<(), Failure> {
-        match &mut self.content {
-            Some(content) => content.flush().await,
-            None => Ok(()),
+        match &mut self.kept {
+            Some(Kept::Ingest(content)) => content.flush().await,
+            Some(Kept::File(_)) | None => Ok(()),
         }
     }
 }
@@ -286,14 +307,29 @@ impl Puller {
                 "a partial download of the blob is in the content store",
             ));
         }
-        // containerd allows one writer per ingest ref.
+        // One writer per blob: containerd allows one per ingest ref, and two files of the same
+        // blob would be written for nothing.
         let _blob_guard = if keep {
             Some(self.blob_locks.lock(desc.digest.clone()).await)
         } else {
             None
         };
+        let blob_dir = if keep && !self.layers.settings.resumable_blobs {
+            self.layers.blob_dir(&self.containerd).await
+        } else {
+            None
+        };
         let mut writer: Option<Box<BlobWriter>> = None;
-        if keep {
+        let mut file: Option<BlobFile> = None;
+        if let Some(dir) = blob_dir {
+            let created = dir.create().map_err(|source| {
+                containerd_err(ContainerdError::ContentFile {
+                    op: "create",
+                    source,
+                })
+            })?;
+            file = Some(created);
+        } else if keep {
             match self
                 .containerd
                 .open_blob(cx.lease, &reference, &desc.digest, desc.size)
@@ -317,10 +353,13 @@ impl Puller {
             }
         }
         let permit = cx.downloads.acquire().await.ok();
+        let kept = match (file, writer.as_deref_mut()) {
+            (Some(file), _) => Some(Kept::File(file)),
+            (None, Some(writer)) => Some(Kept::Ingest(ContentSink::new(image, writer))),
+            (None, None) => None,
+        };
         let mut sink = LayerSink {
-            content: writer
-                .as_deref_mut()
-                .map(|writer| ContentSink::new(image, writer)),
+            kept,
             feeder: Feeder {
                 puller: self,
                 cx,
@@ -330,9 +369,10 @@ impl Puller {
                 stop: None,
             },
         };
-        // Only the size is checked here; the applier checks the digest (and containerd again
-        // at commit when the blob is kept).
-        let mut verifier = Verifier::counting(&desc.digest, desc.size);
+        // The download checks size and digest, hashing the compressed bytes as they arrive,
+        // beside the applier, which only inflates, hashes the tar and writes; nothing is
+        // committed unless both digests match.
+        let mut verifier = Verifier::new(&desc.digest, desc.size);
         let mut stall = StallClock::new(self.settings.stall_timeout);
         let started = if cx.ladder.parent_committed(job.index) {
             sink.feeder.go_live().await
@@ -355,7 +395,11 @@ impl Puller {
             Err(failure) => Err(failure),
         };
         drop(permit);
-        let mut feeder = sink.feeder;
+        let LayerSink { kept, mut feeder } = sink;
+        let file = match kept {
+            Some(Kept::File(file)) => Some(file),
+            Some(Kept::Ingest(_)) | None => None,
+        };
         let streamed = match streamed {
             Ok(()) => verifier.finish().map_err(|source| {
                 Failure::Fatal(PullError::Mismatch {
@@ -374,6 +418,9 @@ impl Puller {
                 if !matches!(failure, Failure::Retry(_)) {
                     writer.abort().await.ok();
                 }
+            }
+            if let (Some(file), Failure::Retry(_)) = (file, &failure) {
+                self.keep_partial(cx, &reference, desc, file).await;
             }
             return match (failure, stop) {
                 (Failure::Stopped, Some(Stop::Fallback(reason))) => Ok(Direct::Fallback(reason)),
@@ -422,17 +469,67 @@ impl Puller {
                 return Err(err);
             }
         };
-        self.containerd
+        let committed = self
+            .containerd
             .commit_extraction(cx.lease, extraction)
             .await
-            .map_err(containerd_err)?;
-        if let Some(writer) = writer {
-            let mut labels = uncompressed_label(job.diff_id);
-            labels.insert(cx.source_label.0.clone(), cx.source_label.1.clone());
-            writer.commit(labels).await.map_err(containerd_err)?;
+            .map_err(containerd_err);
+        if let Err(err) = committed {
+            if let Some(writer) = writer {
+                writer.abort().await.ok();
+            }
+            return Err(err);
         }
+        // The layer above may go live now: it needs the snapshot, not the blob, whose commit
+        // (synced to disk first) runs beside it.
         cx.ladder.committed(job.index);
+        let mut labels = uncompressed_label(job.diff_id);
+        labels.insert(cx.source_label.0.clone(), cx.source_label.1.clone());
+        if let Some(writer) = writer {
+            writer.commit(labels).await.map_err(containerd_err)?;
+        } else if let Some(file) = file {
+            let written = file.finish().await.map_err(|source| {
+                containerd_err(ContainerdError::ContentFile {
+                    op: "write",
+                    source,
+                })
+            })?;
+            self.containerd
+                .store_blob_file(
+                    cx.lease,
+                    &reference,
+                    &desc.digest,
+                    desc.size,
+                    written,
+                    labels,
+                )
+                .await
+                .map_err(containerd_err)?;
+        }
         report.finished(desc, false).await;
         Ok(Direct::Done)
+    }
+
+    /// A download that failed for now leaves what it received in containerd's ingest, as the
+    /// streamed path does, so the next order resumes it. Best effort: the next order fetches
+    /// the whole blob otherwise.
+    async fn keep_partial(
+        &self,
+        cx: &PullContext<'_>,
+        reference: &str,
+        desc: &Descriptor,
+        file: BlobFile,
+    ) {
+        let kept = match file.finish().await {
+            Ok(written) => self
+                .containerd
+                .keep_partial_blob(cx.lease, reference, &desc.digest, desc.size, written)
+                .await
+                .map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(error) = kept {
+            debug!(%error, "the partial download could not be kept for a resume");
+        }
     }
 }

@@ -15,7 +15,7 @@ use super::stagger::Stagger;
 use super::unpack::Ladder;
 use super::{PullError, Puller};
 use berth_core::order::ImageRef;
-use berth_runtime::containerd::{Lease, UnpackLayer};
+use berth_runtime::containerd::{BlobDir, Containerd, Lease, UnpackLayer};
 use berth_unpack::apply::LayerSpec;
 use berth_unpack::compression::Compression;
 use berth_unpack::digest::Sha256Digest;
@@ -143,13 +143,13 @@ impl Puller {
         }
         let compression = Compression::from_media_type(&job.desc.media_type)
             .ok_or("berth does not apply this media type")?;
-        let digest =
-            Sha256Digest::parse(&job.desc.digest).map_err(|_| "the layer digest is not sha256")?;
+        Sha256Digest::parse(&job.desc.digest).map_err(|_| "the layer digest is not sha256")?;
         let diff_id =
             Sha256Digest::parse(job.diff_id).map_err(|_| "the layer's diff id is not sha256")?;
         Ok(LayerSpec {
             compression,
-            digest,
+            // The download hashes the blob (beside the apply, on another thread): see `direct`.
+            digest: None,
             size: job.desc.size,
             diff_id,
         })
@@ -164,6 +164,9 @@ pub struct LayerSettings {
     /// applies them) and stay there; false: only manifests and configs do (like CRI's
     /// `discard_unpacked_layers`).
     pub keep_layer_blobs: bool,
+    /// `resumable_layer_blobs`: kept blobs stream into containerd's ingest as they download
+    /// (resumable after a crash) instead of being written into its content directory.
+    pub resumable_blobs: bool,
     /// Where a layer that arrives before its parent's snapshot is committed is spooled
     /// (anonymous files, unlinked at creation).
     pub spool_dir: std::path::PathBuf,
@@ -173,6 +176,7 @@ impl Default for LayerSettings {
     fn default() -> Self {
         Self {
             keep_layer_blobs: true,
+            resumable_blobs: false,
             spool_dir: std::env::temp_dir().join("berth-spool"),
         }
     }
@@ -185,6 +189,9 @@ pub(super) struct LayerUnpacking {
     /// Set when a prepared overlayfs snapshot had mounts berth does not write into: from
     /// then on containerd applies every layer.
     overlay_unusable: std::sync::atomic::AtomicBool,
+    /// containerd's content directory, if berthd writes kept layer blobs there itself:
+    /// probed once, at the first layer that needs it.
+    blob_dir: tokio::sync::OnceCell<Option<BlobDir>>,
 }
 
 impl LayerUnpacking {
@@ -192,7 +199,28 @@ impl LayerUnpacking {
         Self {
             settings,
             overlay_unusable: std::sync::atomic::AtomicBool::new(false),
+            blob_dir: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Where kept layer blobs are written: containerd's content directory when berthd can
+    /// write it as containerd sees it, else `None` (they stream through `Content.Write`).
+    pub(super) async fn blob_dir(&self, containerd: &Containerd) -> Option<BlobDir> {
+        self.blob_dir
+            .get_or_init(|| async {
+                match containerd.blob_dir().await {
+                    Ok(dir) => {
+                        info!(dir = ?dir, "writing kept layer blobs into containerd's content directory");
+                        Some(dir)
+                    }
+                    Err(reason) => {
+                        info!(%reason, "kept layer blobs go through containerd's Content API");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
     }
 
     pub(super) fn overlay_unusable(&self) -> bool {

@@ -2,6 +2,7 @@
 //!
 //! Nothing here imports `secret` or `auth`: containerd never receives a credential.
 
+mod blob_dir;
 mod client;
 mod container;
 mod content;
@@ -11,6 +12,7 @@ mod snapshot;
 mod task;
 mod version;
 
+pub use blob_dir::{BlobDir, BlobFile, WrittenBlob};
 pub use client::Containerd;
 pub use container::{ContainerRecord, NewContainer};
 pub use content::{BlobWriter, OpenedBlob};
@@ -39,6 +41,13 @@ pub enum ContainerdError {
     Protocol {
         op: &'static str,
         reason: &'static str,
+    },
+    /// A blob file berthd writes into containerd's content directory itself.
+    #[error("containerd's content directory: {op} failed")]
+    ContentFile {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("layer {layer} unpacked to diff id {actual}, the image config says {expected}")]
     DiffIdMismatch {

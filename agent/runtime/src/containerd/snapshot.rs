@@ -54,7 +54,13 @@ impl Extraction {
         let [mount] = self.mounts.as_slice() else {
             return Err("the snapshot has not exactly one mount");
         };
-        overlay_dirs(mount)
+        let dirs = overlay_dirs(mount)?;
+        // A read-only view of containerd's root (systemd's ProtectSystem= without it in
+        // ReadWritePaths=) is a reason to let containerd apply, not a failed pull.
+        if rustix::fs::access(&dirs.upper, rustix::fs::Access::WRITE_OK).is_err() {
+            return Err("berthd cannot write the snapshot's directory (read-only to it)");
+        }
+        Ok(dirs)
     }
 
     /// The mounts, for an applier that mounts them (`Diff.Apply`).
