@@ -305,7 +305,8 @@ key_file = "$dir/secrets.key"
 plain_http = ["$REGISTRY"]
 ${max_downloads:+max_concurrent_downloads = $max_downloads}
 EOF
-    BERTH_LOG="$berth_log" setsid "$BERTHD_BIN" --config "$dir/berthd.toml" >"$dir/berthd.log" 2>&1 </dev/null &
+    # MALLOC_ARENA_MAX as systemd/berthd.service sets it.
+    BERTH_LOG="$berth_log" MALLOC_ARENA_MAX=2 setsid "$BERTHD_BIN" --config "$dir/berthd.toml" >"$dir/berthd.log" 2>&1 </dev/null &
     berthd_pid=$!
     wait_until 30 berth_ ps || die "berthd did not answer; see $dir/berthd.log"
     secret_id="$(printf '%s' "$REGISTRY_PASSWORD" | berth_ secret docker create --name bench \

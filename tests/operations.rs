@@ -100,6 +100,7 @@ fn the_unit_file_passes_systemd_analyze_verify() -> anyhow::Result<()> {
         "RuntimeDirectory=berth",
         "StateDirectory=berth",
         "UMask=0077",
+        "Environment=MALLOC_ARENA_MAX=2",
     ] {
         assert!(
             unit.lines().any(|l| l.trim() == line),

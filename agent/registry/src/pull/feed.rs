@@ -16,7 +16,7 @@ use berth_unpack::error::ApplyError;
 
 /// Chunks (of the HTTP body, typically 16 KiB to 1 MiB) queued for the applier before the
 /// download waits for it.
-const QUEUED_CHUNKS: usize = 64;
+const QUEUED_CHUNKS: usize = 16;
 
 /// The blocking side: the channel's chunks as a `Read`.
 #[derive(Debug)]
