@@ -322,13 +322,25 @@ impl Puller {
         let mut writer: Option<Box<BlobWriter>> = None;
         let mut file: Option<BlobFile> = None;
         if let Some(dir) = blob_dir {
-            let created = dir.create().map_err(|source| {
-                containerd_err(ContainerdError::ContentFile {
-                    op: "create",
-                    source,
-                })
-            })?;
-            file = Some(created);
+            // Stored while this download waited for the blob's lock (another image with this
+            // layer on other parents): as with the ingest below.
+            let stored = self
+                .containerd
+                .has_blob(&desc.digest)
+                .await
+                .map_err(containerd_err)?;
+            if stored && !berth_only {
+                return Ok(Direct::Fallback("the layer blob is in the content store"));
+            }
+            if !stored {
+                let created = dir.create().map_err(|source| {
+                    containerd_err(ContainerdError::ContentFile {
+                        op: "create",
+                        source,
+                    })
+                })?;
+                file = Some(created);
+            }
         } else if keep {
             match self
                 .containerd

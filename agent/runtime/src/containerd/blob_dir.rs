@@ -252,7 +252,8 @@ impl Containerd {
 
     /// Links a written blob under its digest and commits it into the namespace under
     /// `lease` with `labels`. containerd takes the file as shared content; if it does not
-    /// (the file vanished to a GC before the commit), the bytes are streamed from the file.
+    /// (the file vanished to a GC before the commit, or could not be linked), the bytes are
+    /// streamed from the file.
     pub async fn store_blob_file(
         &self,
         lease: &Lease,
@@ -264,10 +265,12 @@ impl Containerd {
     ) -> Result<(), ContainerdError> {
         let hex = hex_of(digest)?.to_owned();
         let WrittenBlob { dir, file } = blob;
-        let file = tokio::task::spawn_blocking(move || link(&file, &dir, &hex).map(|()| file))
+        let (linked, file) = tokio::task::spawn_blocking(move || (link(&file, &dir, &hex), file))
             .await
-            .map_err(|join| content_file("link")(io::Error::other(join)))?
-            .map_err(content_file("link"))?;
+            .map_err(|join| content_file("link")(io::Error::other(join)))?;
+        if let Err(error) = linked {
+            debug!(%digest, %error, "cannot link the blob file; streaming it");
+        }
         match self.open_blob(lease, reference, digest, size).await? {
             OpenedBlob::Present => self.update_content_labels(digest, labels).await,
             OpenedBlob::Writer(writer) if writer.offset() == size => writer.commit(labels).await,
