@@ -141,6 +141,83 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
 /// containerd goes away under berthd: orders and queries get UNAVAILABLE; once containerd is
 /// back (same root, state and socket) everything works again without restarting berthd, and the
 /// container that ran all along is still reported RUNNING.
+/// By default (berthd writes kept blobs into containerd's content directory itself) SIGKILL
+/// mid-layer leaves nothing behind: no image record, no ingest, and no file in the content
+/// directory but committed blobs (the layer's file was anonymous). The next order after the
+/// restart fetches the layer whole and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berthd_killed_mid_pull_leaves_no_partial_blob_and_the_next_order_runs(
+) -> anyhow::Result<()> {
+    let mut fx = FaultEnv::start(PATIENT_REGISTRY).await?;
+    let pushed = fx
+        .push("team/killed-direct", &["echo", "ok"], LAYER_BYTES)
+        .await?;
+    let blob = pushed.random_layer().clone();
+    let stall_at = blob.size / 2;
+    fx.proxy.inject(
+        Target::Blob(blob.digest.clone()),
+        Fault::StallAfter {
+            bytes: stall_at,
+            stall: Duration::from_secs(300),
+        },
+        Times::Once,
+    );
+    let image = fx.via_proxy(&pushed);
+    let request = fx.order("order-killed-direct", "killed-direct", &image);
+    let mut agent = fx.env.berthd.agent().await?;
+    let first = tokio::spawn({
+        let request = request.clone();
+        async move { agent.start_container(request).await }
+    });
+    wait_for(
+        "the registry to send half the layer",
+        Duration::from_secs(30),
+        || async { Ok((fx.proxy.blob_bytes_sent(&blob.digest) == stall_at).then_some(())) },
+    )
+    .await
+    .map_err(|failure| failure.context(fx.proxy.describe()))?;
+    // The bytes have reached berthd's blob file (its writer queues a few chunks at most).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let killed = fx.env.berthd.kill9().await?;
+    assert!(!killed.success(), "SIGKILL: {killed:?}");
+    assert!(first.await?.is_err());
+    let images = image_names(&fx.env).await?;
+    assert!(
+        !images
+            .iter()
+            .any(|name| name.contains("team/killed-direct")),
+        "an image record after a killed pull: {images:?}"
+    );
+    assert_eq!(ingest_offset(&fx.env, &blob.digest)?, None);
+    let content = fx.env.containerd.ctr_ok(&["content", "ls", "-q"]).await?;
+    let blobs = super::content_root(&fx.env).join("blobs/sha256");
+    for entry in std::fs::read_dir(&blobs)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        assert!(
+            content.contains(&format!("sha256:{name}")),
+            "{name} is in the content directory but not in the content store:\n{content}"
+        );
+    }
+    assert!(!blob_committed(&fx.env, &blob.digest));
+
+    fx.proxy.clear();
+    fx.proxy.forget_requests();
+    fx.env.berthd.restart().await?;
+    let container = fx.env.start_container(request).await?.map_err(|status| {
+        anyhow::anyhow!(
+            "the order after the restart: {status:?}\n{}",
+            fx.env.berthd.log_tail()
+        )
+    })?;
+    assert_eq!(fx.env.wait_until_exited(&container.id).await?.exit_code, 0);
+    let gets = fx.proxy.blob_gets(&blob.digest);
+    assert_eq!(gets.len(), 1, "{}", fx.proxy.describe());
+    assert_eq!(gets[0].range_start(), 0, "{}", fx.proxy.describe());
+    assert!(blob_committed(&fx.env, &blob.digest));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_restarted_under_berthd() -> anyhow::Result<()> {
     let (mut env, secret, running) = env_with_a_sleeper().await?;
