@@ -181,7 +181,11 @@ async fn berthd_killed_mid_pull_leaves_no_partial_blob_and_the_next_order_runs(
 
     let killed = fx.env.berthd.kill9().await?;
     assert!(!killed.success(), "SIGKILL: {killed:?}");
-    assert!(first.await?.is_err());
+    let outcome = first.await?;
+    assert!(
+        outcome.is_err(),
+        "the order cannot succeed once berthd is gone: {outcome:?}"
+    );
     let images = image_names(&fx.env).await?;
     assert!(
         !images
