@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use berth::api::pb::{Container, ContainerState, GetContainerRequest};
+use berth::api::pb::{Container, ContainerState, GetContainerRequest, StartContainerRequest};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -15,6 +16,7 @@ use super::{
 use crate::harness::berthd::BerthdOptions;
 use crate::harness::env::{start_request, Env, RegistryKind};
 use crate::harness::faults::{Fault, Target, Times};
+use crate::harness::image::layered::BlobInfo;
 use crate::harness::image::TestImage;
 use crate::harness::wait::wait_for;
 
@@ -22,6 +24,66 @@ use crate::harness::wait::wait_for;
 const PATIENT_REGISTRY: &str = "read_timeout_seconds = 60\n\
                                 retries = 5\n\
                                 pull_deadline_seconds = 120\n";
+
+/// An order whose random layer stalls for good after `stall_at(size)` bytes, in flight.
+struct StalledOrder {
+    repository: String,
+    blob: BlobInfo,
+    stall_at: u64,
+    request: StartContainerRequest,
+    first: JoinHandle<Result<tonic::Response<Container>, tonic::Status>>,
+}
+
+impl StalledOrder {
+    async fn start(
+        fx: &FaultEnv,
+        name: &str,
+        stall_at: impl Fn(u64) -> u64,
+    ) -> anyhow::Result<Self> {
+        let repository = format!("team/{name}");
+        let pushed = fx.push(&repository, &["echo", "ok"], LAYER_BYTES).await?;
+        let blob = pushed.random_layer().clone();
+        let stall_at = stall_at(blob.size);
+        fx.proxy.inject(
+            Target::Blob(blob.digest.clone()),
+            Fault::StallAfter {
+                bytes: stall_at,
+                stall: Duration::from_secs(300),
+            },
+            Times::Once,
+        );
+        let request = fx.order(&format!("order-{name}"), name, &fx.via_proxy(&pushed));
+        let mut agent = fx.env.berthd.agent().await?;
+        let first = tokio::spawn({
+            let request = request.clone();
+            async move { agent.start_container(request).await }
+        });
+        Ok(Self {
+            repository,
+            blob,
+            stall_at,
+            request,
+            first,
+        })
+    }
+
+    /// SIGKILL to berthd: the order fails and no image record is left.
+    async fn kill_berthd(&mut self, fx: &mut FaultEnv) -> anyhow::Result<()> {
+        let killed = fx.env.berthd.kill9().await?;
+        assert!(!killed.success(), "SIGKILL: {killed:?}");
+        let outcome = (&mut self.first).await?;
+        assert!(
+            outcome.is_err(),
+            "the order cannot succeed once berthd is gone: {outcome:?}"
+        );
+        let images = image_names(&fx.env).await?;
+        assert!(
+            !images.iter().any(|name| name.contains(&self.repository)),
+            "an image record after a killed pull: {images:?}"
+        );
+        Ok(())
+    }
+}
 
 /// With `resumable_layer_blobs`, SIGKILL while a layer is half fetched: no image record, the
 /// ingest stays, and after a restart the same order resumes it from the ingest's offset.
@@ -36,25 +98,8 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
         },
     )
     .await?;
-    let pushed = fx.push("team/killed", &["echo", "ok"], LAYER_BYTES).await?;
-    let blob = pushed.random_layer().clone();
-    let stall_at = blob.size * 7 / 16;
-    fx.proxy.inject(
-        Target::Blob(blob.digest.clone()),
-        Fault::StallAfter {
-            bytes: stall_at,
-            stall: Duration::from_secs(300),
-        },
-        Times::Once,
-    );
-    let image = fx.via_proxy(&pushed);
-    let request = fx.order("order-killed", "killed", &image);
-
-    let mut agent = fx.env.berthd.agent().await?;
-    let first = tokio::spawn({
-        let request = request.clone();
-        async move { agent.start_container(request).await }
-    });
+    let mut order = StalledOrder::start(&fx, "killed", |size| size * 7 / 16).await?;
+    let (blob, stall_at) = (order.blob.clone(), order.stall_at);
     // berthd hands containerd the bytes in 512 KiB chunks: wait until everything sent before
     // the stall arrived and the ingest holds at least the whole MiBs of it.
     let expected = stall_at / (1 << 20) * (1 << 20);
@@ -70,19 +115,7 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
     .await
     .map_err(|failure| failure.context(fx.proxy.describe()))?;
 
-    let killed = fx.env.berthd.kill9().await?;
-    assert!(!killed.success(), "SIGKILL: {killed:?}");
-    let outcome = first.await?;
-    assert!(
-        outcome.is_err(),
-        "the order cannot succeed once berthd is gone: {outcome:?}"
-    );
-
-    let images = image_names(&fx.env).await?;
-    assert!(
-        !images.iter().any(|name| name.contains("team/killed")),
-        "an image record after a killed pull: {images:?}"
-    );
+    order.kill_berthd(&mut fx).await?;
     let active = fx.env.containerd.ctr_ok(&["content", "active"]).await?;
     assert!(
         active.contains(&format!("berth-blob-{}", blob.digest)),
@@ -103,13 +136,17 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
     fx.env.berthd.restart().await?;
     let restarted_in = restarting.elapsed();
     let ordered = Instant::now();
-    let container = fx.env.start_container(request).await?.map_err(|status| {
-        anyhow::anyhow!(
-            "the order after the restart: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
-            fx.proxy.describe(),
-            fx.env.berthd.log_tail()
-        )
-    })?;
+    let container = fx
+        .env
+        .start_container(order.request.clone())
+        .await?
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "the order after the restart: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
+                fx.proxy.describe(),
+                fx.env.berthd.log_tail()
+            )
+        })?;
     let order_took = ordered.elapsed();
     let exited = fx.env.wait_until_exited(&container.id).await?;
     assert_eq!(exited.exit_code, 0);
@@ -149,26 +186,8 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
 async fn berthd_killed_mid_pull_leaves_no_partial_blob_and_the_next_order_runs(
 ) -> anyhow::Result<()> {
     let mut fx = FaultEnv::start(PATIENT_REGISTRY).await?;
-    let pushed = fx
-        .push("team/killed-direct", &["echo", "ok"], LAYER_BYTES)
-        .await?;
-    let blob = pushed.random_layer().clone();
-    let stall_at = blob.size / 2;
-    fx.proxy.inject(
-        Target::Blob(blob.digest.clone()),
-        Fault::StallAfter {
-            bytes: stall_at,
-            stall: Duration::from_secs(300),
-        },
-        Times::Once,
-    );
-    let image = fx.via_proxy(&pushed);
-    let request = fx.order("order-killed-direct", "killed-direct", &image);
-    let mut agent = fx.env.berthd.agent().await?;
-    let first = tokio::spawn({
-        let request = request.clone();
-        async move { agent.start_container(request).await }
-    });
+    let mut order = StalledOrder::start(&fx, "killed-direct", |size| size / 2).await?;
+    let (blob, stall_at) = (order.blob.clone(), order.stall_at);
     wait_for(
         "the registry to send half the layer",
         Duration::from_secs(30),
@@ -179,20 +198,7 @@ async fn berthd_killed_mid_pull_leaves_no_partial_blob_and_the_next_order_runs(
     // The bytes have reached berthd's blob file (its writer queues a few chunks at most).
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let killed = fx.env.berthd.kill9().await?;
-    assert!(!killed.success(), "SIGKILL: {killed:?}");
-    let outcome = first.await?;
-    assert!(
-        outcome.is_err(),
-        "the order cannot succeed once berthd is gone: {outcome:?}"
-    );
-    let images = image_names(&fx.env).await?;
-    assert!(
-        !images
-            .iter()
-            .any(|name| name.contains("team/killed-direct")),
-        "an image record after a killed pull: {images:?}"
-    );
+    order.kill_berthd(&mut fx).await?;
     assert_eq!(ingest_offset(&fx.env, &blob.digest)?, None);
     let content = fx.env.containerd.ctr_ok(&["content", "ls", "-q"]).await?;
     let blobs = super::content_root(&fx.env).join("blobs/sha256");
@@ -208,12 +214,16 @@ async fn berthd_killed_mid_pull_leaves_no_partial_blob_and_the_next_order_runs(
     fx.proxy.clear();
     fx.proxy.forget_requests();
     fx.env.berthd.restart().await?;
-    let container = fx.env.start_container(request).await?.map_err(|status| {
-        anyhow::anyhow!(
-            "the order after the restart: {status:?}\n{}",
-            fx.env.berthd.log_tail()
-        )
-    })?;
+    let container = fx
+        .env
+        .start_container(order.request.clone())
+        .await?
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "the order after the restart: {status:?}\n{}",
+                fx.env.berthd.log_tail()
+            )
+        })?;
     assert_eq!(fx.env.wait_until_exited(&container.id).await?.exit_code, 0);
     let gets = fx.proxy.blob_gets(&blob.digest);
     assert_eq!(gets.len(), 1, "{}", fx.proxy.describe());
