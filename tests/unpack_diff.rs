@@ -299,12 +299,13 @@ async fn containerd_pull(env: &Env, namespace: &str, image: &str) -> anyhow::Res
 }
 
 /// Pushes `layers` as `repository:v1`, pulls it through berthd and with `ctr`, and compares every
-/// chain level; returns what was pushed and berthd's top tree.
+/// chain level; returns what was pushed, berthd's top tree and berthd's layer dirs.
 async fn pull_both_and_compare(
     env: &Env,
     repository: &str,
     layers: &[Layer],
-) -> anyhow::Result<(PushedLayers, Tree)> {
+    tolerance: Tolerance,
+) -> anyhow::Result<(PushedLayers, Tree, Vec<Tree>)> {
     let pushed: PushedLayers = push_layers(
         &env.ca,
         env.registry.addr(),
@@ -328,18 +329,14 @@ async fn pull_both_and_compare(
 
     let berth_namespace = env.containerd.namespace();
     let mut top = None;
+    let mut raw = Vec::new();
     for (level, chain_id) in pushed.chain_ids.iter().enumerate() {
         let berth_view = SnapshotView::mount(&env.containerd, berth_namespace, chain_id).await?;
         let containerd_view =
             SnapshotView::mount(&env.containerd, CONTAINERD_NAMESPACE, chain_id).await?;
         let berth_tree = berth_view.scan()?;
         let containerd_tree = containerd_view.scan()?;
-        let differences = berth_tree.diff(
-            "berthd",
-            &containerd_tree,
-            "containerd",
-            Tolerance::default(),
-        );
+        let differences = berth_tree.diff("berthd", &containerd_tree, "containerd", tolerance);
         assert!(
             differences.is_empty(),
             "layers 0..={level} ({chain_id}, top {:?}) unpack differently:\n{}",
@@ -350,16 +347,13 @@ async fn pull_both_and_compare(
         // containerd makes a whiteout device at unpack time and sets no time on it (overlayfs
         // never shows it), so those mtimes differ from one unpack to the next.
         let berth_layer = berth_view.scan_layer()?;
-        if level == 1 {
-            assert_overlay_form(&berth_layer);
-        }
         let differences = berth_layer.diff(
             "berthd",
             &containerd_view.scan_layer()?,
             "containerd",
             Tolerance {
                 whiteout_mtimes: true,
-                ..Tolerance::default()
+                ..tolerance
             },
         );
         assert!(
@@ -369,8 +363,9 @@ async fn pull_both_and_compare(
             differences.join("\n")
         );
         top = Some(berth_tree);
+        raw.push(berth_layer);
     }
-    Ok((pushed, top.context("the corpus has layers")?))
+    Ok((pushed, top.context("the corpus has layers")?, raw))
 }
 
 /// Layer 1's own dir holds its whiteouts as overlayfs reads them.
@@ -514,7 +509,9 @@ fn assert_corpus_semantics(tree: &Tree, view: &std::path::Path) -> anyhow::Resul
 async fn the_layer_corpus_unpacks_as_containerd_unpacks_it() -> anyhow::Result<()> {
     let env = Env::start(RegistryKind::Htpasswd).await?;
     let layers = corpus()?;
-    let (pushed, top) = pull_both_and_compare(&env, "team/corpus", &layers).await?;
+    let (pushed, top, raw) =
+        pull_both_and_compare(&env, "team/corpus", &layers, Tolerance::default()).await?;
+    assert_overlay_form(&raw[1]);
     let view = SnapshotView::mount(
         &env.containerd,
         env.containerd.namespace(),
@@ -523,6 +520,67 @@ async fn the_layer_corpus_unpacks_as_containerd_unpacks_it() -> anyhow::Result<(
     .await?;
     assert_eq!(view.scan()?, top);
     assert_corpus_semantics(&top, view.path())
+}
+
+/// A layer whose download ends long before its parent's (8 MiB of incompressible data) is
+/// applied beside it, into a staging snapshot, and moved onto the parent once that is
+/// committed. The directories it only implies then take the owner and mode of the parent's,
+/// as they do when containerd applies it on the mounted parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_applied_ahead_of_its_parent_unpacks_as_containerd_unpacks_it() -> anyhow::Result<()>
+{
+    use rand::RngCore as _;
+
+    let env = Env::start(RegistryKind::Htpasswd).await?;
+    let mut big = vec![0u8; 8 << 20];
+    rand::rng().fill_bytes(&mut big);
+    let mut parent = LayerTar::default();
+    parent
+        .dir("etc", Meta::mode(0o751).owner(3, 4))?
+        .dir("srv", Meta::mode(0o700).owner(5, 6))?
+        .dir("srv/deep", Meta::mode(0o2750).owner(7, 8))?
+        .file("big", Meta::mode(0o644), &big)?;
+    // No directory entries: etc, srv, srv/deep and srv/deep/new are implied.
+    let mut child = LayerTar::default();
+    child
+        .file("etc/added", Meta::mode(0o644), b"added\n")?
+        .file("srv/deep/new/file", Meta::mode(0o600), b"deep\n")?;
+    let layers = [
+        Layer::new(&parent.finish()?, LayerFormat::OciGzip)?,
+        Layer::new(&child.finish()?, LayerFormat::OciGzip)?,
+    ];
+    // An implied directory gets the time of the unpack, on both sides.
+    let tolerance = Tolerance {
+        dir_mtimes: true,
+        ..Tolerance::default()
+    };
+    let (_, top, _) = pull_both_and_compare(&env, "team/ahead", &layers, tolerance).await?;
+
+    let log = env.berthd.log_text();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("layer applied") && line.contains("staged=true")),
+        "the child layer was not applied ahead of its parent:\n{}",
+        env.berthd.log_tail()
+    );
+    for (path, mode, owner) in [
+        ("etc", 0o751, (3, 4)),
+        ("srv", 0o700, (5, 6)),
+        ("srv/deep", 0o2750, (7, 8)),
+        // Made in a setgid directory: its group.
+        ("srv/deep/new", 0o755, (0, 8)),
+    ] {
+        let node = top
+            .get(path)
+            .with_context(|| format!("{path} is missing"))?;
+        assert_eq!(node.kind, Kind::Dir, "{path}");
+        assert_eq!(
+            (node.mode & 0o7777, (node.uid, node.gid)),
+            (mode, owner),
+            "{path}"
+        );
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

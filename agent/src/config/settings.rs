@@ -54,7 +54,7 @@ pub(crate) struct ContainerdSettings {
     pub(crate) socket: PathBuf,
     pub(crate) namespace: String,
     pub(crate) snapshotter: String,
-    /// The puller's layer settings: `keep_layer_blobs`, and the spool under the state dir.
+    /// The puller's layer settings: `keep_layer_blobs`, `resumable_layer_blobs`.
     pub(crate) layers: LayerSettings,
 }
 
@@ -173,7 +173,6 @@ impl Settings {
                 layers: LayerSettings {
                     keep_layer_blobs: config.containerd.keep_layer_blobs,
                     resumable_blobs: config.containerd.resumable_layer_blobs,
-                    spool_dir: config.state_dir.join("spool"),
                 },
             },
             orders: OrderSettings {

@@ -101,7 +101,6 @@ fn pull_code(err: &PullError) -> Code {
             ApplyErrorKind::InvalidLayer | ApplyErrorKind::LimitExceeded => Code::InvalidArgument,
             ApplyErrorKind::Io => Code::Internal,
         },
-        PullError::Spool { .. } => Code::Internal,
         PullError::Auth(err) => auth_code(err),
     }
 }

@@ -8,7 +8,8 @@
 //! cover the whole blob and the whole tar.
 
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::path::{Path, PathBuf};
 
 use rustix::fs::Timestamps;
 
@@ -51,6 +52,11 @@ pub enum Whiteouts {
     /// The root is an overlayfs upperdir, written directly; `lowers` are the
     /// lowerdirs, topmost first, whose directories a missing parent copies.
     Overlay { lowers: Vec<PathBuf> },
+    /// The root is an overlayfs upperdir whose lowers are not final yet (the
+    /// layer below is still being applied): a missing parent is made 0755
+    /// and listed in [`Applied::implied_dirs`], for
+    /// [`inherit_lower_metadata`] once the lowers are there.
+    OverlayDeferred,
     /// The root is a full tree (a mounted snapshot of any snapshotter):
     /// whiteouts remove what they name.
     Remove,
@@ -81,6 +87,9 @@ pub struct Applied {
     pub compressed_size: u64,
     pub uncompressed_size: u64,
     pub entries: u64,
+    /// With [`Whiteouts::OverlayDeferred`]: the missing parents made, relative
+    /// to the root, that still need their lowers' owner and mode.
+    pub implied_dirs: Vec<PathBuf>,
 }
 
 type LayerStream<R> = DiffReader<Decoder<VerifyingReader<R>>>;
@@ -97,11 +106,12 @@ pub fn apply_layer(
     target: &Target,
     limits: &Limits,
 ) -> Result<Applied, ApplyError> {
-    let lowers = match &target.whiteouts {
-        Whiteouts::Overlay { lowers } => lowers.as_slice(),
-        Whiteouts::Remove => &[],
-    };
-    let root = Root::open(&target.root, lowers).map_err(|source| ApplyError::Root {
+    let root = match &target.whiteouts {
+        Whiteouts::Overlay { lowers } => Root::open(&target.root, lowers),
+        Whiteouts::OverlayDeferred => Root::open_deferred(&target.root),
+        Whiteouts::Remove => Root::open(&target.root, &[]),
+    }
+    .map_err(|source| ApplyError::Root {
         root: target.root.display().to_string(),
         source,
     })?;
@@ -112,7 +122,7 @@ pub fn apply_layer(
             source,
         })?;
     let mut archive = tar::Archive::new(DiffReader::new(decoder, limits.max_uncompressed_bytes));
-    let overlay = matches!(target.whiteouts, Whiteouts::Overlay { .. });
+    let overlay = !matches!(target.whiteouts, Whiteouts::Remove);
     let written = write_entries(&mut archive, &root, overlay, limits);
     let mut stream = archive.into_inner();
     let entries = match written {
@@ -132,12 +142,34 @@ pub fn apply_layer(
             actual: diff_id,
         });
     }
+    let implied_dirs = root
+        .into_implied_dirs()
+        .into_iter()
+        .map(|dir| PathBuf::from(std::ffi::OsString::from_vec(dir)))
+        .collect();
     Ok(Applied {
         diff_id,
         compressed_size: verifier.bytes_read(),
         uncompressed_size,
         entries,
+        implied_dirs,
     })
+}
+
+/// Completes a layer applied with [`Whiteouts::OverlayDeferred`] once its
+/// lowers are there (`root` may have moved since): the missing parents it
+/// made get the owner and mode of the topmost lower directory at their path,
+/// as [`Whiteouts::Overlay`] with these lowers would have given them.
+pub fn inherit_lower_metadata(
+    root: &Path,
+    lowers: &[PathBuf],
+    implied_dirs: &[PathBuf],
+) -> io::Result<()> {
+    let implied: Vec<Vec<u8>> = implied_dirs
+        .iter()
+        .map(|dir| dir.as_os_str().as_bytes().to_vec())
+        .collect();
+    crate::resolve::inherit_lower_metadata(root, lowers, &implied)
 }
 
 fn write_entries<R: Read>(
@@ -208,6 +240,7 @@ fn write_entries<R: Read>(
                 .map_err(|err| placement_error(display, err))?;
         }
         if header.kind == Kind::Directory {
+            root.explicit_dir(path.joined_bytes());
             directories.push((path, header.times));
         }
     }

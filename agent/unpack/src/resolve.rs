@@ -10,6 +10,7 @@
 //! `openat2`. Everything after resolution is an `*at` call on the last
 //! component relative to the parent's fd, never following a symlink there.
 
+use std::cell::RefCell;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -113,6 +114,11 @@ impl EntryPath {
         OsStr::from_bytes(&self.joined[self.name_start..])
     }
 
+    /// The whole path, relative to the root.
+    pub(crate) fn joined_bytes(&self) -> &[u8] {
+        &self.joined
+    }
+
     pub(crate) fn display(&self) -> String {
         String::from_utf8_lossy(&self.joined).into_owned()
     }
@@ -123,7 +129,17 @@ impl EntryPath {
 #[derive(Debug)]
 pub(crate) struct Root {
     fd: OwnedFd,
-    lowers: Vec<OwnedFd>,
+    lowers: Lowers,
+}
+
+/// Where a missing parent directory gets its metadata.
+#[derive(Debug)]
+enum Lowers {
+    /// From the topmost of these lower directories that has it.
+    Open(Vec<OwnedFd>),
+    /// From lowers that are not there yet: the directory is made 0755 and
+    /// its path recorded for [`inherit_lower_metadata`].
+    Deferred(RefCell<Vec<Vec<u8>>>),
 }
 
 impl Root {
@@ -134,7 +150,35 @@ impl Root {
             .iter()
             .map(|lower| openat(CWD, lower, directory, Mode::empty()))
             .collect::<Result<_, _>>()?;
-        Ok(Self { fd, lowers })
+        Ok(Self {
+            fd,
+            lowers: Lowers::Open(lowers),
+        })
+    }
+
+    /// A root whose lowers are not known yet: see [`Lowers::Deferred`].
+    pub(crate) fn open_deferred(root: &Path) -> io::Result<Self> {
+        let directory = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        Ok(Self {
+            fd: openat(CWD, root, directory, Mode::empty())?,
+            lowers: Lowers::Deferred(RefCell::new(Vec::new())),
+        })
+    }
+
+    /// The missing parents made while the lowers were deferred, except those
+    /// a directory entry of the layer then gave metadata of its own.
+    pub(crate) fn into_implied_dirs(self) -> Vec<Vec<u8>> {
+        match self.lowers {
+            Lowers::Open(_) => Vec::new(),
+            Lowers::Deferred(dirs) => dirs.into_inner(),
+        }
+    }
+
+    /// A directory entry of the layer set the metadata of `path` itself.
+    pub(crate) fn explicit_dir(&self, path: &[u8]) {
+        if let Lowers::Deferred(dirs) = &self.lowers {
+            dirs.borrow_mut().retain(|dir| dir != path);
+        }
     }
 
     /// Opens the directory at `path` (relative, normalized) inside the root,
@@ -208,7 +252,16 @@ impl Root {
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            self.copy_lower_metadata(prefix, &created)?;
+            match &self.lowers {
+                Lowers::Open(lowers) => {
+                    copy_lower_metadata(lowers, prefix, &created, true)?;
+                }
+                Lowers::Deferred(dirs) => {
+                    // mkdirat's mode went through the umask; containerd's is 0755.
+                    fchmod(&created, Mode::from_raw_mode(0o755))?;
+                    dirs.borrow_mut().push(prefix.to_vec());
+                }
+            }
             current = created;
         }
         Ok(Walk::Opened(current))
@@ -240,40 +293,108 @@ impl Root {
             None => Err(Errno::XDEV.into()),
         }
     }
+}
 
-    fn copy_lower_metadata(&self, prefix: &[u8], created: &OwnedFd) -> io::Result<()> {
-        for lower in &self.lowers {
-            let found = match open_in_root(lower, prefix, OFlags::PATH | OFlags::CLOEXEC) {
-                Ok(found) => found,
-                Err(err) if err.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => continue,
-                Err(err) => return Err(err),
-            };
-            let lower_stat = fstat(&found)?;
-            if FileType::from_raw_mode(lower_stat.st_mode) != FileType::Directory {
-                // Replaced by a non-directory below: copy nothing.
-                break;
-            }
-            fchown(
-                created,
-                Some(Uid::from_raw(lower_stat.st_uid)),
-                Some(Gid::from_raw(lower_stat.st_gid)),
-            )?;
-            fchmod(created, Mode::from_raw_mode(lower_stat.st_mode & 0o7777))?;
-            let times = Timestamps {
-                last_access: rustix::fs::Timespec {
-                    tv_sec: lower_stat.st_atime,
-                    tv_nsec: lower_stat.st_atime_nsec as i64,
-                },
-                last_modification: rustix::fs::Timespec {
-                    tv_sec: lower_stat.st_mtime,
-                    tv_nsec: lower_stat.st_mtime_nsec as i64,
-                },
-            };
-            return Ok(futimens(created, &times)?);
+/// Gives a directory the owner and mode (and with `times`, the times) of the
+/// topmost lower directory at `prefix`, or 0755 when none has one; says
+/// whether a lower had one.
+fn copy_lower_metadata(
+    lowers: &[OwnedFd],
+    prefix: &[u8],
+    created: &OwnedFd,
+    times: bool,
+) -> io::Result<bool> {
+    for lower in lowers {
+        let found = match open_in_root(lower, prefix, OFlags::PATH | OFlags::CLOEXEC) {
+            Ok(found) => found,
+            Err(err) if err.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => continue,
+            Err(err) => return Err(err),
+        };
+        let lower_stat = fstat(&found)?;
+        if FileType::from_raw_mode(lower_stat.st_mode) != FileType::Directory {
+            // Replaced by a non-directory below: copy nothing.
+            break;
         }
-        // mkdirat's mode went through the umask; containerd's is 0755.
-        Ok(fchmod(created, Mode::from_raw_mode(0o755))?)
+        fchown(
+            created,
+            Some(Uid::from_raw(lower_stat.st_uid)),
+            Some(Gid::from_raw(lower_stat.st_gid)),
+        )?;
+        fchmod(created, Mode::from_raw_mode(lower_stat.st_mode & 0o7777))?;
+        if !times {
+            return Ok(true);
+        }
+        let times = Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: lower_stat.st_atime,
+                tv_nsec: lower_stat.st_atime_nsec as i64,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: lower_stat.st_mtime,
+                tv_nsec: lower_stat.st_mtime_nsec as i64,
+            },
+        };
+        futimens(created, &times)?;
+        return Ok(true);
     }
+    // mkdirat's mode went through the umask; containerd's is 0755.
+    fchmod(created, Mode::from_raw_mode(0o755))?;
+    Ok(false)
+}
+
+/// Gives the missing parents a layer applied with deferred lowers made
+/// (`implied`, relative to `root`) the owner and mode of the topmost of
+/// `lowers` that has them, as an apply with those lowers would have. Their
+/// times are not copied: the entries created inside moved them to the time
+/// of the apply, as they do in an apply with the lowers. One that no lower
+/// has takes the group of its parent when that is setgid, as it would have
+/// been made in it. A path that is no longer a directory, or that passes a
+/// symlink, is left alone. `implied` lists parents before their children.
+pub(crate) fn inherit_lower_metadata(
+    root: &Path,
+    lowers: &[std::path::PathBuf],
+    implied: &[Vec<u8>],
+) -> io::Result<()> {
+    if implied.is_empty() {
+        return Ok(());
+    }
+    let Root { fd, lowers } = Root::open(root, lowers)?;
+    let Lowers::Open(lowers) = lowers else {
+        return Ok(());
+    };
+    for dir in implied {
+        let resolve =
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS;
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let opened = match openat2(&fd, OsStr::from_bytes(dir), flags, Mode::empty(), resolve) {
+            Ok(opened) => opened,
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
+            Err(err) => return Err(err.into()),
+        };
+        if copy_lower_metadata(&lowers, dir, &opened, false)? {
+            continue;
+        }
+        let parent_path = dir
+            .iter()
+            .rposition(|byte| *byte == b'/')
+            .map_or(&b"."[..], |slash| &dir[..slash]);
+        let parent = match openat2(
+            &fd,
+            OsStr::from_bytes(parent_path),
+            flags,
+            Mode::empty(),
+            resolve,
+        ) {
+            Ok(parent) => parent,
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
+            Err(err) => return Err(err.into()),
+        };
+        let parent_stat = fstat(&parent)?;
+        if parent_stat.st_mode & 0o2000 != 0 {
+            fchown(&opened, None, Some(Gid::from_raw(parent_stat.st_gid)))?;
+        }
+    }
+    Ok(())
 }
 
 fn open_in_root(root: &OwnedFd, path: &[u8], flags: OFlags) -> io::Result<OwnedFd> {

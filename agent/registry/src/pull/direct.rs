@@ -1,16 +1,18 @@
 //! berth's own apply of one layer while it downloads: the download (blob.rs, with its
-//! retries, Range resumes, stall clock and bandwidth limit) feeds a `Feeder`, which spools
-//! the bytes until the parent snapshot is committed, then prepares the layer's extraction
-//! snapshot and streams the spooled and the remaining bytes into `berth_unpack`'s applier,
-//! which writes the overlay upperdir and checks size and diff id; the download itself
-//! hashes the compressed bytes against the layer digest, on its own thread. A layer that fails
-//! leaves no snapshot behind. With `keep_layer_blobs` the same bytes go into the content store.
+//! retries, Range resumes, stall clock and bandwidth limit) feeds a `Feeder`, which streams
+//! the bytes into `berth_unpack`'s applier, which writes the overlay upperdir and checks size
+//! and diff id; the download itself hashes the compressed bytes against the layer digest, on
+//! its own thread. Every layer applies as it downloads: into its extraction snapshot when its
+//! parent is committed, else into a staging snapshot of its own, whose directory is renamed
+//! into the extraction once the parent is committed (the directories the layer only implies
+//! then take their metadata from the lowers). A layer that fails leaves no snapshot behind.
+//! With `keep_layer_blobs` the same bytes go into the content store.
 
 use bytes::Bytes;
 use tracing::debug;
 
 use super::blob::{ContentSink, Failure, Reporter, Sink};
-use super::feed::{Applier, Spool};
+use super::feed::Applier;
 use super::layer::{Direct, LayerJob, PullContext};
 use super::manifest::Descriptor;
 use super::stall::StallClock;
@@ -20,7 +22,7 @@ use berth_core::order::ImageRef;
 use berth_runtime::containerd::{
     uncompressed_label, BlobFile, BlobWriter, ContainerdError, Extraction, OpenedBlob, Prepared,
 };
-use berth_unpack::apply::{LayerSpec, Target, Whiteouts};
+use berth_unpack::apply::{inherit_lower_metadata, LayerSpec, Target, Whiteouts};
 use berth_unpack::error::ApplyError;
 
 /// Why the feeder stopped the download (the download then ends with `Failure::Stopped`).
@@ -35,15 +37,31 @@ enum Stop {
 
 /// Where the bytes go.
 enum Feed {
-    /// The parent is not committed yet: the bytes are spooled (the file is made on the first).
-    Spooling(Option<Spool>),
-    /// The applier runs and receives the rest.
-    Live {
+    /// Not started yet.
+    Idle,
+    /// The applier runs: into the layer's own extraction snapshot, or, when the parent was
+    /// not committed at the start, into a staging snapshot that is moved into the extraction
+    /// once it is (`staged`).
+    Applying {
         applier: Applier,
-        extraction: Extraction,
+        snapshot: Extraction,
+        staged: bool,
     },
     /// Stopped; nothing more is taken.
     Stopped,
+}
+
+/// How an applied layer ends.
+enum Finished {
+    /// Ready to commit; `staging` is the emptied staging snapshot, to remove.
+    Ready {
+        extraction: Extraction,
+        staging: Option<Extraction>,
+    },
+    /// Someone else committed the chain id meanwhile.
+    Committed,
+    /// The extraction cannot be written by berth: containerd applies the layer.
+    Fallback(&'static str),
 }
 
 /// The applier side of a layer's download.
@@ -110,153 +128,191 @@ impl<'a> Feeder<'a> {
         })
     }
 
-    fn fatal_spool(&self, source: std::io::Error) -> Failure {
-        Failure::Fatal(PullError::Spool {
-            image: self.image().to_string(),
-            source,
-        })
-    }
-
     fn stopped(&mut self, stop: Stop) -> Failure {
         self.stop = Some(stop);
         Failure::Stopped
     }
 
     async fn feed(&mut self, chunk: Bytes) -> Result<(), Failure> {
-        if matches!(self.feed, Feed::Spooling(_)) && self.cx.ladder.parent_committed(self.job.index)
-        {
-            self.go_live().await?;
-        }
         match &mut self.feed {
-            Feed::Live { applier, .. } => {
+            Feed::Applying { applier, .. } => {
                 if applier.send(chunk).await.is_err() {
                     return Err(self.stopped(Stop::Applier));
                 }
                 Ok(())
             }
-            Feed::Spooling(spool) => {
-                let spool = match spool {
-                    Some(spool) => spool,
-                    None => {
-                        let created = Spool::create(&self.puller.layers.settings.spool_dir).await;
-                        match created {
-                            Ok(created) => spool.insert(created),
-                            Err(err) => return Err(self.fatal_spool(err)),
-                        }
-                    }
-                };
-                if let Err(err) = spool.write(&chunk).await {
-                    return Err(self.fatal_spool(err));
-                }
-                Ok(())
-            }
-            Feed::Stopped => Err(Failure::Stopped),
+            Feed::Idle | Feed::Stopped => Err(Failure::Stopped),
         }
     }
 
-    /// Prepares the extraction snapshot and starts the applier on what is spooled so far.
-    async fn go_live(&mut self) -> Result<(), Failure> {
-        let Feed::Spooling(spool) = std::mem::replace(&mut self.feed, Feed::Stopped) else {
-            return Ok(());
-        };
+    /// Starts the applier: into the layer's extraction snapshot when its parent is committed,
+    /// else into a staging snapshot, so that layers apply side by side as they download.
+    async fn start(&mut self) -> Result<(), Failure> {
         let containerd = &self.puller.containerd;
-        let prepared = containerd
+        let staged = !self.cx.ladder.parent_committed(self.job.index);
+        let snapshot = if staged {
+            containerd
+                .prepare_staging(self.cx.lease, self.job.chain_id)
+                .await
+                .map_err(|err| self.fatal_containerd(err))?
+        } else {
+            let prepared = containerd
+                .prepare_extraction(self.cx.lease, self.job.chain_id, self.job.parent)
+                .await;
+            match prepared {
+                Ok(Prepared::Ready(extraction)) => extraction,
+                Ok(Prepared::Committed) => return Err(self.stopped(Stop::Committed)),
+                Err(err) => return Err(self.fatal_containerd(err)),
+            }
+        };
+        let dirs = match snapshot.overlay_dirs() {
+            Ok(dirs) => dirs,
+            Err(reason) => {
+                containerd.discard_extraction(snapshot).await.ok();
+                self.puller.layers.set_overlay_unusable();
+                return Err(self.stopped(Stop::Fallback(reason)));
+            }
+        };
+        debug!(staged, upper = %dirs.upper.display(), "applying the layer as it downloads");
+        let whiteouts = if staged {
+            Whiteouts::OverlayDeferred
+        } else {
+            Whiteouts::Overlay {
+                lowers: dirs.lowers,
+            }
+        };
+        let target = Target {
+            root: dirs.upper,
+            whiteouts,
+        };
+        self.feed = Feed::Applying {
+            applier: Applier::start(self.spec.clone(), target),
+            snapshot,
+            staged,
+        };
+        Ok(())
+    }
+
+    /// Ends the stream and waits for the applier. A staged layer then waits for its parent's
+    /// snapshot and moves into its own extraction. On any failure the snapshots are removed.
+    async fn finish(mut self) -> Result<Finished, PullError> {
+        let image = self.image().to_string();
+        let containerd = &self.puller.containerd;
+        let layer_err = |source| PullError::Layer {
+            image: image.clone(),
+            digest: self.job.desc.digest.clone(),
+            source,
+        };
+        let Feed::Applying {
+            applier,
+            snapshot,
+            staged,
+        } = std::mem::replace(&mut self.feed, Feed::Stopped)
+        else {
+            return Err(layer_err(ApplyError::Read {
+                source: std::io::Error::other("the layer was never applied"),
+            }));
+        };
+        let applied = match applier.finish().await {
+            Ok(applied) => applied,
+            Err(source) => {
+                containerd.discard_extraction(snapshot).await.ok();
+                return Err(layer_err(source));
+            }
+        };
+        debug!(
+            entries = applied.entries,
+            uncompressed = applied.uncompressed_size,
+            staged,
+            "layer applied"
+        );
+        if !staged {
+            return Ok(Finished::Ready {
+                extraction: snapshot,
+                staging: None,
+            });
+        }
+        debug!("waiting for the parent snapshot");
+        self.cx.ladder.wait_for_parent(self.job.index).await;
+        let adopted = self.adopt(&snapshot, &applied.implied_dirs).await;
+        match adopted {
+            Ok(Finished::Ready { extraction, .. }) => Ok(Finished::Ready {
+                extraction,
+                staging: Some(snapshot),
+            }),
+            other => {
+                containerd.discard_extraction(snapshot).await.ok();
+                other
+            }
+        }
+    }
+
+    /// Prepares the layer's extraction on its committed parent and moves the staged layer
+    /// into it.
+    async fn adopt(
+        &self,
+        staging: &Extraction,
+        implied_dirs: &[std::path::PathBuf],
+    ) -> Result<Finished, PullError> {
+        let containerd = &self.puller.containerd;
+        let extraction = match containerd
             .prepare_extraction(self.cx.lease, self.job.chain_id, self.job.parent)
-            .await;
-        let extraction = match prepared {
+            .await
+        {
             Ok(Prepared::Ready(extraction)) => extraction,
-            Ok(Prepared::Committed) => return Err(self.stopped(Stop::Committed)),
-            Err(err) => return Err(self.fatal_containerd(err)),
+            Ok(Prepared::Committed) => return Ok(Finished::Committed),
+            Err(source) => {
+                return Err(PullError::Containerd {
+                    image: self.image().to_string(),
+                    source,
+                })
+            }
         };
         let dirs = match extraction.overlay_dirs() {
             Ok(dirs) => dirs,
             Err(reason) => {
                 containerd.discard_extraction(extraction).await.ok();
                 self.puller.layers.set_overlay_unusable();
-                return Err(self.stopped(Stop::Fallback(reason)));
+                return Ok(Finished::Fallback(reason));
             }
         };
-        let spooled = spool.as_ref().map_or(0, Spool::written);
-        debug!(spooled, upper = %dirs.upper.display(), "applying the layer into its snapshot");
-        let target = Target {
-            root: dirs.upper,
-            whiteouts: Whiteouts::Overlay {
-                lowers: dirs.lowers,
-            },
-        };
-        match Applier::start(spool, self.spec.clone(), target).await {
-            Ok(applier) => {
-                self.feed = Feed::Live {
-                    applier,
-                    extraction,
-                };
-                Ok(())
-            }
-            Err(err) => {
-                containerd.discard_extraction(extraction).await.ok();
-                Err(self.fatal_spool(err))
-            }
-        }
-    }
-
-    /// Ends the stream and waits for the applier: the applied snapshot, or why not (the
-    /// snapshot is then removed).
-    async fn finish(self) -> Result<Extraction, PullError> {
-        let image = self.image().to_string();
-        let Feed::Live {
-            applier,
-            extraction,
-        } = self.feed
-        else {
-            return Err(PullError::Layer {
-                image,
-                digest: self.job.desc.digest.clone(),
-                source: ApplyError::Read {
-                    source: std::io::Error::other("the layer was never applied"),
-                },
-            });
-        };
-        match applier.finish().await {
-            Ok(applied) => {
-                debug!(
-                    entries = applied.entries,
-                    uncompressed = applied.uncompressed_size,
-                    "layer applied"
-                );
-                Ok(extraction)
-            }
-            Err(source) => {
-                self.puller
-                    .containerd
-                    .discard_extraction(extraction)
-                    .await
-                    .ok();
-                Err(PullError::Layer {
-                    image,
-                    digest: self.job.desc.digest.clone(),
+        let moved = extraction.take_staged(staging).and_then(|()| {
+            inherit_lower_metadata(&dirs.upper, &dirs.lowers, implied_dirs).map_err(|source| {
+                ContainerdError::SnapshotDir {
+                    op: "giving a staged layer's implied directories their lower's metadata",
                     source,
-                })
-            }
+                }
+            })
+        });
+        if let Err(source) = moved {
+            containerd.discard_extraction(extraction).await.ok();
+            return Err(PullError::Containerd {
+                image: self.image().to_string(),
+                source,
+            });
         }
+        Ok(Finished::Ready {
+            extraction,
+            staging: None,
+        })
     }
 
     /// The download failed: stops the applier and removes the snapshot. Returns the
     /// applier's own error, which explains a `Stop::Applier`.
     async fn abandon(self) -> Option<ApplyError> {
         match self.feed {
-            Feed::Live {
-                applier,
-                extraction,
+            Feed::Applying {
+                applier, snapshot, ..
             } => {
                 let applied = applier.finish().await;
                 self.puller
                     .containerd
-                    .discard_extraction(extraction)
+                    .discard_extraction(snapshot)
                     .await
                     .ok();
                 applied.err()
             }
-            Feed::Spooling(_) | Feed::Stopped => None,
+            Feed::Idle | Feed::Stopped => None,
         }
     }
 }
@@ -377,7 +433,7 @@ impl Puller {
                 cx,
                 job,
                 spec,
-                feed: Feed::Spooling(None),
+                feed: Feed::Idle,
                 stop: None,
             },
         };
@@ -386,11 +442,7 @@ impl Puller {
         // committed unless both digests match.
         let mut verifier = Verifier::new(&desc.digest, desc.size);
         let mut stall = StallClock::new(self.settings.stall_timeout);
-        let started = if cx.ladder.parent_committed(job.index) {
-            sink.feeder.go_live().await
-        } else {
-            Ok(())
-        };
+        let started = sink.feeder.start().await;
         let streamed = match started {
             Ok(()) => {
                 self.stream_with_retries(
@@ -451,29 +503,25 @@ impl Puller {
                 }),
             };
         }
-        if matches!(feeder.feed, Feed::Spooling(_)) {
-            debug!("layer downloaded before its parent was committed; waiting for it");
-            cx.ladder.wait_for_parent(job.index).await;
-            if let Err(failure) = feeder.go_live().await {
-                let stop = feeder.stop.take();
+        let (extraction, staging) = match feeder.finish().await {
+            Ok(Finished::Ready {
+                extraction,
+                staging,
+            }) => (extraction, staging),
+            Ok(Finished::Committed) => {
                 if let Some(writer) = writer {
                     writer.abort().await.ok();
                 }
-                return match (failure, stop) {
-                    (Failure::Stopped, Some(Stop::Fallback(reason))) => {
-                        Ok(Direct::Fallback(reason))
-                    }
-                    (Failure::Stopped, _) => {
-                        cx.ladder.committed(job.index);
-                        report.finished(desc, true).await;
-                        Ok(Direct::Done)
-                    }
-                    (Failure::Retry(err) | Failure::Fatal(err), _) => Err(err),
-                };
+                cx.ladder.committed(job.index);
+                report.finished(desc, true).await;
+                return Ok(Direct::Done);
             }
-        }
-        let extraction = match feeder.finish().await {
-            Ok(extraction) => extraction,
+            Ok(Finished::Fallback(reason)) => {
+                if let Some(writer) = writer {
+                    writer.abort().await.ok();
+                }
+                return Ok(Direct::Fallback(reason));
+            }
             Err(err) => {
                 if let Some(writer) = writer {
                     writer.abort().await.ok();
@@ -495,6 +543,9 @@ impl Puller {
         // The layer above may go live now: it needs the snapshot, not the blob, whose commit
         // (synced to disk first) runs beside it.
         cx.ladder.committed(job.index);
+        if let Some(staging) = staging {
+            self.containerd.discard_extraction(staging).await.ok();
+        }
         let mut labels = uncompressed_label(job.diff_id);
         labels.insert(cx.source_label.0.clone(), cx.source_label.1.clone());
         if let Some(writer) = writer {

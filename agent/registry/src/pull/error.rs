@@ -103,12 +103,6 @@ pub enum PullError {
         #[source]
         source: ApplyError,
     },
-    #[error("image {image}: spooling a layer until its parent is unpacked")]
-    Spool {
-        image: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("writing image {image} into containerd")]
     Containerd {
         image: String,
@@ -148,7 +142,6 @@ impl PullError {
             PullError::Auth(_)
             | PullError::Registry { .. }
             | PullError::Client { .. }
-            | PullError::Spool { .. }
             | PullError::Containerd { .. } => "error",
         }
     }

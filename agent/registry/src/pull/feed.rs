@@ -1,13 +1,9 @@
-//! A layer's bytes on their way to berth's applier, which runs on a blocking thread: first
-//! into a spool file while the layer's parent snapshot is not committed yet, then through a
-//! bounded channel. The applier reads the spooled bytes first and then the channel, so it
-//! sees the blob as one stream however it arrived.
+//! A layer's bytes on their way to berth's applier, which runs on a blocking thread, through
+//! a bounded channel.
 
-use std::io::{self, Read, Seek as _, SeekFrom};
-use std::path::Path;
+use std::io::{self, Read};
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -50,56 +46,6 @@ impl Read for ChannelReader {
     }
 }
 
-/// A spool file: created, then unlinked at once, so nothing is left behind whatever happens.
-#[derive(Debug)]
-pub(super) struct Spool {
-    file: tokio::fs::File,
-    written: u64,
-}
-
-impl Spool {
-    /// An anonymous file in `dir` (created 0700 if missing).
-    pub(super) async fn create(dir: &Path) -> io::Result<Self> {
-        tokio::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .await?;
-        let nonce: u64 = rand_nonce();
-        let path = dir.join(format!("layer-{nonce:016x}"));
-        let file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .await?;
-        tokio::fs::remove_file(&path).await?;
-        Ok(Self { file, written: 0 })
-    }
-
-    pub(super) async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.file.write_all(chunk).await?;
-        self.written += chunk.len() as u64;
-        Ok(())
-    }
-
-    pub(super) fn written(&self) -> u64 {
-        self.written
-    }
-
-    /// The spooled bytes, for the blocking reader (rewound there).
-    async fn into_std(mut self) -> io::Result<(std::fs::File, u64)> {
-        self.file.flush().await?;
-        Ok((self.file.into_std().await, self.written))
-    }
-}
-
-fn rand_nonce() -> u64 {
-    use rand::Rng as _;
-    rand::rng().random()
-}
-
 /// The applier running on a blocking thread, and the channel that feeds it.
 #[derive(Debug)]
 pub(super) struct Applier {
@@ -112,31 +58,18 @@ pub(super) struct Applier {
 pub(super) struct Stopped;
 
 impl Applier {
-    /// Starts applying `layer` into `target`: the spooled bytes first, if any, then whatever
-    /// is sent.
-    pub(super) async fn start(
-        spool: Option<Spool>,
-        layer: LayerSpec,
-        target: Target,
-    ) -> io::Result<Self> {
-        let spooled = match spool {
-            Some(spool) => Some(spool.into_std().await?),
-            None => None,
-        };
+    /// Starts applying `layer` into `target`, from what is sent.
+    pub(super) fn start(layer: LayerSpec, target: Target) -> Self {
         let (sender, receiver) = mpsc::channel(QUEUED_CHUNKS);
         let task = tokio::task::spawn_blocking(move || {
-            let live = ChannelReader::new(receiver);
-            match spooled {
-                Some((mut file, written)) => {
-                    file.seek(SeekFrom::Start(0))
-                        .map_err(|source| ApplyError::Read { source })?;
-                    let input = file.take(written).chain(live);
-                    apply_layer(input, &layer, &target, &Limits::default())
-                }
-                None => apply_layer(live, &layer, &target, &Limits::default()),
-            }
+            apply_layer(
+                ChannelReader::new(receiver),
+                &layer,
+                &target,
+                &Limits::default(),
+            )
         });
-        Ok(Self { sender, task })
+        Self { sender, task }
     }
 
     /// Hands the applier the next chunk; waits while it is `QUEUED_CHUNKS` behind.
@@ -175,24 +108,5 @@ mod tests {
         }
         drop(sender);
         assert_eq!(reader.await.unwrap().unwrap(), b"abcdef");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_spool_leaves_no_file_and_reads_back_from_the_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::create(&dir.path().join("spool")).await.unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("spool")).unwrap().count(),
-            0,
-            "unlinked at once"
-        );
-        spool.write(b"hello ").await.unwrap();
-        spool.write(b"world").await.unwrap();
-        assert_eq!(spool.written(), 11);
-        let (mut file, written) = spool.into_std().await.unwrap();
-        file.seek(SeekFrom::Start(0)).unwrap();
-        let mut back = String::new();
-        file.take(written).read_to_string(&mut back).unwrap();
-        assert_eq!(back, "hello world");
     }
 }

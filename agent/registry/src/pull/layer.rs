@@ -156,8 +156,7 @@ impl Puller {
     }
 }
 
-/// How layers are unpacked: `[containerd] keep_layer_blobs`, and where a layer waits for its
-/// parent snapshot.
+/// How layers are unpacked: `[containerd] keep_layer_blobs` and `resumable_layer_blobs`.
 #[derive(Debug, Clone)]
 pub struct LayerSettings {
     /// true: the compressed layer blobs also go into the content store (teed while berth
@@ -167,9 +166,6 @@ pub struct LayerSettings {
     /// `resumable_layer_blobs`: kept blobs stream into containerd's ingest as they download
     /// (resumable after a crash) instead of being written into its content directory.
     pub resumable_blobs: bool,
-    /// Where a layer that arrives before its parent's snapshot is committed is spooled
-    /// (anonymous files, unlinked at creation).
-    pub spool_dir: std::path::PathBuf,
 }
 
 impl Default for LayerSettings {
@@ -177,7 +173,6 @@ impl Default for LayerSettings {
         Self {
             keep_layer_blobs: true,
             resumable_blobs: false,
-            spool_dir: std::env::temp_dir().join("berth-spool"),
         }
     }
 }

@@ -66,7 +66,6 @@ pub(super) fn falls_back(err: &PullError) -> bool {
         PullError::Config { .. }
         | PullError::Client { .. }
         | PullError::Deadline { .. }
-        | PullError::Spool { .. }
         | PullError::Containerd { .. } => false,
     }
 }

@@ -116,7 +116,7 @@ pub struct Puller {
     deadline: Duration,
     metrics: SharedMetrics,
     signatures: Arc<Signatures>,
-    /// `keep_layer_blobs`, the spool, and whether berth writes overlay snapshots itself.
+    /// `keep_layer_blobs`, and whether berth writes overlay snapshots itself.
     layers: Arc<LayerUnpacking>,
 }
 
@@ -214,7 +214,7 @@ impl Puller {
         })
     }
 
-    /// How layers are unpacked (`[containerd] keep_layer_blobs`, the spool directory).
+    /// How layers are unpacked (`[containerd] keep_layer_blobs`, `resumable_layer_blobs`).
     pub fn with_layers(mut self, settings: LayerSettings) -> Self {
         self.layers = Arc::new(LayerUnpacking::new(settings));
         self

@@ -221,7 +221,6 @@ fn fetch_failed(
         | PullError::Config { .. }
         | PullError::Containerd { .. }
         | PullError::Layer { .. }
-        | PullError::Spool { .. }
         | PullError::Signature { .. }
         | PullError::SignatureFetch { .. } => PullError::SignatureFetch {
             image: image.to_string(),
@@ -253,7 +252,6 @@ fn result_label(err: &PullError) -> &'static str {
         | PullError::Client { .. }
         | PullError::Config { .. }
         | PullError::Layer { .. }
-        | PullError::Spool { .. }
         | PullError::Containerd { .. } => "fetch_failed",
     }
 }

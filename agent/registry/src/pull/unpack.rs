@@ -1,8 +1,8 @@
 //! Unpacking while the downloads go on: the image config is read first (it names each
-//! layer's diff id, hence its chain id), then every layer is applied as soon as its own bytes
-//! arrive and the snapshot below it is committed, so only the top layer's work is left when
-//! the last byte arrives. Snapshots are committed bottom-up; the [`Ladder`] tells each layer
-//! when its parent is in.
+//! layer's diff id, hence its chain id), then every layer is applied as its own bytes arrive
+//! (into a staging snapshot when the snapshot below it is not committed yet), so only
+//! commits are left when the last byte arrives. Snapshots are committed bottom-up; the
+//! [`Ladder`] tells each layer when its parent is in.
 
 use tokio::sync::watch;
 

@@ -49,6 +49,13 @@ pub enum ContainerdError {
         #[source]
         source: std::io::Error,
     },
+    /// A snapshot directory berthd writes a layer into itself.
+    #[error("containerd's snapshot directory: {op} failed")]
+    SnapshotDir {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("layer {layer} unpacked to diff id {actual}, the image config says {expected}")]
     DiffIdMismatch {
         layer: String,

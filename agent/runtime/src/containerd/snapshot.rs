@@ -63,6 +63,37 @@ impl Extraction {
         Ok(dirs)
     }
 
+    /// Moves what was applied into `staged`'s directory into this snapshot's empty upperdir,
+    /// which takes the place (the directory itself, renamed: nothing is copied) with the
+    /// owner and mode containerd gave the upperdir. Both are directories of one snapshotter,
+    /// so on one filesystem. `staged` is left without its directory, to be removed.
+    pub fn take_staged(&self, staged: &Extraction) -> Result<(), ContainerdError> {
+        let failed = |reason| ContainerdError::Protocol {
+            op: "snapshots.prepare",
+            reason,
+        };
+        let dirs = self.overlay_dirs().map_err(failed)?;
+        let from = staged.overlay_dirs().map_err(failed)?;
+        let moved = (|| {
+            let upper = rustix::fs::stat(&dirs.upper)?;
+            rustix::fs::chown(
+                &from.upper,
+                Some(rustix::fs::Uid::from_raw(upper.st_uid)),
+                Some(rustix::fs::Gid::from_raw(upper.st_gid)),
+            )?;
+            rustix::fs::chmod(
+                &from.upper,
+                rustix::fs::Mode::from_raw_mode(upper.st_mode & 0o7777),
+            )?;
+            // rename(2) replaces an empty directory, and only an empty one.
+            rustix::fs::rename(&from.upper, &dirs.upper)
+        })();
+        moved.map_err(|source| ContainerdError::SnapshotDir {
+            op: "moving a staged layer into its snapshot",
+            source: source.into(),
+        })
+    }
+
     /// The mounts, for an applier that mounts them (`Diff.Apply`).
     pub fn mounts(&self) -> &[Mount] {
         &self.mounts
@@ -144,6 +175,36 @@ impl Containerd {
             }
             Err(status) => Err(ContainerdError::rpc("snapshots.prepare")(status)),
         }
+    }
+
+    /// Prepares a snapshot without parent for `chain_id`'s layer to be applied into while the
+    /// layer below is not committed yet ([`Extraction::take_staged`] moves it into the real
+    /// extraction later). It is never committed; the lease collects it if berthd stops.
+    pub async fn prepare_staging(
+        &self,
+        lease: &Lease,
+        chain_id: &str,
+    ) -> Result<Extraction, ContainerdError> {
+        let nonce: u32 = rand::rng().random();
+        let key = format!("stage-{nonce:08x} {chain_id}");
+        let reply = self
+            .snapshots()
+            .prepare(self.request(
+                PrepareSnapshotRequest {
+                    snapshotter: self.snapshotter().to_owned(),
+                    key: key.clone(),
+                    parent: String::new(),
+                    labels: HashMap::new(),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(ContainerdError::rpc("snapshots.prepare"))?;
+        Ok(Extraction {
+            key,
+            chain_id: chain_id.to_owned(),
+            mounts: reply.into_inner().mounts,
+        })
     }
 
     /// Commits a written extraction as its chain id. When someone committed that chain id

@@ -219,4 +219,87 @@ mod tests {
         let _mounted = mount_overlay(&[&upper(3), &upper(2), &upper(1)], &merged);
         assert_eq!(tree(&merged), after_third());
     }
+
+    #[test]
+    fn a_layer_applied_before_its_lowers_ends_as_if_applied_on_them() {
+        let scratch = tempfile::tempdir().unwrap();
+        let upper = |index: usize| scratch.path().join(format!("upper{index}"));
+        std::fs::create_dir(upper(1)).unwrap();
+        let staging = scratch.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        let [first, second, _] = layers();
+        // The child first, with no lower in sight; its parent after.
+        let applied = second.apply(&staging, Whiteouts::OverlayDeferred).unwrap();
+        first
+            .apply(&upper(1), Whiteouts::Overlay { lowers: Vec::new() })
+            .unwrap();
+        assert_eq!(
+            applied.implied_dirs,
+            vec![PathBuf::from("etc"), PathBuf::from("var")],
+            "opt has an entry of its own"
+        );
+        let etc = std::fs::metadata(staging.join("etc")).unwrap();
+        assert_eq!((etc.mode() & 0o7777, etc.uid(), etc.gid()), (0o755, 0, 0));
+
+        std::fs::rename(&staging, upper(2)).unwrap();
+        crate::apply::inherit_lower_metadata(&upper(2), &[upper(1)], &applied.implied_dirs)
+            .unwrap();
+        let etc = std::fs::metadata(upper(2).join("etc")).unwrap();
+        assert_eq!((etc.mode() & 0o7777, etc.uid(), etc.gid()), (0o751, 3, 4));
+        let merged = scratch.path().join("merged");
+        std::fs::create_dir(&merged).unwrap();
+        let _mounted = mount_overlay(&[&upper(2), &upper(1)], &merged);
+        assert_eq!(tree(&merged), after_second());
+    }
+
+    #[test]
+    fn implied_directories_end_alike_with_deferred_and_with_known_lowers() {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = |name: &str| {
+            let path = scratch.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            path
+        };
+        let lower = dir("lower");
+        Layer::new()
+            .owned_dir("a", 0o700, 5, 6)
+            .owned_dir("a/b", 0o2750, 7, 8)
+            .blob(Compression::Gzip)
+            .apply(&lower, Whiteouts::Overlay { lowers: Vec::new() })
+            .unwrap();
+        // a/b and a/b/c are implied; "a" comes after its children, with metadata of its own.
+        let child = Layer::new()
+            .file("a/b/c/file", b"f")
+            .owned_dir("a", 0o711, 9, 10)
+            .blob(Compression::Gzip);
+        let known = dir("known");
+        child
+            .apply(
+                &known,
+                Whiteouts::Overlay {
+                    lowers: vec![lower.clone()],
+                },
+            )
+            .unwrap();
+        let deferred = dir("deferred");
+        let applied = child.apply(&deferred, Whiteouts::OverlayDeferred).unwrap();
+        assert_eq!(
+            applied.implied_dirs,
+            vec![PathBuf::from("a/b"), PathBuf::from("a/b/c")]
+        );
+        crate::apply::inherit_lower_metadata(&deferred, &[lower], &applied.implied_dirs).unwrap();
+        for root in [&known, &deferred] {
+            let meta = |path: &str| {
+                let meta = std::fs::metadata(root.join(path)).unwrap();
+                (meta.mode() & 0o7777, meta.uid(), meta.gid())
+            };
+            assert_eq!(meta("a"), (0o711, 9, 10), "the entry's own, in {root:?}");
+            assert_eq!(meta("a/b"), (0o2750, 7, 8), "the lower's, in {root:?}");
+            assert_eq!(
+                meta("a/b/c"),
+                (0o755, 0, 8),
+                "no lower has it; made in a setgid directory, in {root:?}"
+            );
+        }
+    }
 }
