@@ -11,8 +11,10 @@ use berth_unpack::apply::{apply_layer, Applied, LayerSpec, Limits, Target};
 use berth_unpack::error::ApplyError;
 
 /// Chunks (of the HTTP body, typically 16 KiB to 1 MiB) queued for the applier before the
-/// download waits for it.
-const QUEUED_CHUNKS: usize = 16;
+/// download waits for it. Every layer in download has an applier, so this bounds memory:
+/// with `max_concurrent_downloads = 4`, 16 chunks took a 1 GiB pull's peak RSS from 53 to
+/// 69 MiB, and 4 are as fast.
+const QUEUED_CHUNKS: usize = 4;
 
 /// The blocking side: the channel's chunks as a `Read`.
 #[derive(Debug)]

@@ -39,7 +39,7 @@ pub struct BlobDir {
 }
 
 /// Chunks queued for a blob file's writer thread before the download waits for it.
-const QUEUED_CHUNKS: usize = 16;
+const QUEUED_CHUNKS: usize = 4;
 
 /// A blob being written by its own blocking thread into an anonymous file in the blob dir.
 #[derive(Debug)]
