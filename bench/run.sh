@@ -15,8 +15,9 @@
 #   --gzip-level L   gzip level of the generated layers (default 0; see bench/mkimage.py)
 #   --debug-logs     run berthd with BERTH_LOG=debug (timestamps for a breakdown; slower)
 #   --discard-layer-blobs  berthd with [containerd] keep_layer_blobs = false
-#   --perf           profile every cold pull system-wide (perf record -a -g, 999 Hz): where the
-#                    CPU goes, per process and per function, in results/<time>/perf/
+#   --perf           profile every cold pull, and the 1 and 20 concurrent orders, system-wide
+#                    (perf record -a -g, 999 Hz): where the CPU goes, per process and per
+#                    function, in results/<time>/perf/
 #   --containerd V   measure on containerd V (1.6, 1.7 or 2.1; scripts/containerd.sh fetches
 #                    it): its containerd, ctr and shim come first on PATH, for berth and ctr
 #                    alike; the default is the system containerd
@@ -726,6 +727,7 @@ concurrent_one() { # REP KIND(single|orders|pulls)
             start_order_message "$out/$i.msg" "bench-$kind-$rep-$i" "c$i" "$image"
         fi
     done
+    [[ $kind == orders || $kind == single ]] && perf_start "concurrent-$kind-$rep"
     started="$(now)"
     for ((i = 1; i <= n; i++)); do
         (
@@ -741,6 +743,7 @@ concurrent_one() { # REP KIND(single|orders|pulls)
     done
     wait "${order_pids[@]}"
     total="$(since "$started")"
+    [[ $kind == orders || $kind == single ]] && perf_stop
     first="$(cat "$out"/*.done | awk -v a="$started" 'NR == 1 || $1 < min { min = $1 } END { printf "%.6f", min - a }')"
     ok="$(cat "$out"/*.done | awk '$2 == 0' | wc -l)"
     read -r gets max_per_blob distinct <<<"$(blob_gets_since "$from" bench/medium)"
