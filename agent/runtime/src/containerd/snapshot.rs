@@ -137,6 +137,36 @@ fn overlay_dirs(mount: &Mount) -> Result<OverlayDirs, &'static str> {
 }
 
 impl Containerd {
+    /// Prepares an active snapshot `<kind>-<nonce> <chain id>` on `parent` under `lease`.
+    async fn prepare_keyed(
+        &self,
+        lease: &Lease,
+        kind: &str,
+        chain_id: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Extraction, tonic::Status> {
+        let nonce: u32 = rand::rng().random();
+        let key = format!("{kind}-{nonce:08x} {chain_id}");
+        let reply = self
+            .snapshots()
+            .prepare(self.request(
+                PrepareSnapshotRequest {
+                    snapshotter: self.snapshotter().to_owned(),
+                    key: key.clone(),
+                    parent: parent.to_owned(),
+                    labels,
+                },
+                Some(lease),
+            ))
+            .await?;
+        Ok(Extraction {
+            key,
+            chain_id: chain_id.to_owned(),
+            mounts: reply.into_inner().mounts,
+        })
+    }
+
     /// Prepares the extraction snapshot for `chain_id` on `parent` (empty for a first layer)
     /// under `lease`.
     pub async fn prepare_extraction(
@@ -145,26 +175,11 @@ impl Containerd {
         chain_id: &str,
         parent: &str,
     ) -> Result<Prepared, ContainerdError> {
-        let nonce: u32 = rand::rng().random();
-        let key = format!("extract-{nonce:08x} {chain_id}");
         let prepared = self
-            .snapshots()
-            .prepare(self.request(
-                PrepareSnapshotRequest {
-                    snapshotter: self.snapshotter().to_owned(),
-                    key: key.clone(),
-                    parent: parent.to_owned(),
-                    labels: snapshot_ref(chain_id),
-                },
-                Some(lease),
-            ))
+            .prepare_keyed(lease, "extract", chain_id, parent, snapshot_ref(chain_id))
             .await;
         match prepared {
-            Ok(reply) => Ok(Prepared::Ready(Extraction {
-                key,
-                chain_id: chain_id.to_owned(),
-                mounts: reply.into_inner().mounts,
-            })),
+            Ok(extraction) => Ok(Prepared::Ready(extraction)),
             // Another client committed this chain id meanwhile ("target snapshot exists"): the
             // layer is unpacked, as containerd's own unpacker concludes.
             Err(status)
@@ -185,26 +200,9 @@ impl Containerd {
         lease: &Lease,
         chain_id: &str,
     ) -> Result<Extraction, ContainerdError> {
-        let nonce: u32 = rand::rng().random();
-        let key = format!("stage-{nonce:08x} {chain_id}");
-        let reply = self
-            .snapshots()
-            .prepare(self.request(
-                PrepareSnapshotRequest {
-                    snapshotter: self.snapshotter().to_owned(),
-                    key: key.clone(),
-                    parent: String::new(),
-                    labels: HashMap::new(),
-                },
-                Some(lease),
-            ))
+        self.prepare_keyed(lease, "stage", chain_id, "", HashMap::new())
             .await
-            .map_err(ContainerdError::rpc("snapshots.prepare"))?;
-        Ok(Extraction {
-            key,
-            chain_id: chain_id.to_owned(),
-            mounts: reply.into_inner().mounts,
-        })
+            .map_err(ContainerdError::rpc("snapshots.prepare"))
     }
 
     /// Commits a written extraction as its chain id. When someone committed that chain id
