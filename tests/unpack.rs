@@ -14,6 +14,7 @@ use crate::harness::env::{start_request, Env, RegistryKind};
 use crate::harness::faults::{Fault, FaultProxy, Target, Times};
 use crate::harness::image::layered::PushedLayered;
 use crate::harness::image::{sha256_digest, TestImage};
+use crate::harness::layers::{push_layers, Layer, LayerFormat, LayerTar, Meta};
 use crate::harness::wait::assert_eventually;
 
 /// The random layer: several HTTP chunks and applier reads.
@@ -246,6 +247,79 @@ async fn a_layer_corrupted_in_flight_is_data_loss_and_leaves_no_image_or_snapsho
     // The failed layer's snapshot was removed at once, and berthd waited for containerd's GC
     // to take the committed layer below it, which only the pull's lease held: nothing is left
     // when the error reaches the scheduler.
+    let left = snapshots(&env).await?;
+    assert!(left.is_empty(), "{left:?}");
+    Ok(())
+}
+
+/// The bottom layer (8 MiB) is corrupted in flight while the small layer above it is being
+/// applied ahead of it, into a staging snapshot: the pull is DATA_LOSS and neither the staging
+/// snapshot nor anything else is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_parent_leaves_no_staged_child_behind() -> anyhow::Result<()> {
+    use rand::RngCore as _;
+
+    let mut env = Env::start(RegistryKind::Htpasswd).await?;
+    let proxy = FaultProxy::start(&env.ca, env.registry.addr()).await?;
+    env.berthd = Berthd::start(
+        &env.containerd,
+        &env.ca,
+        &BerthdOptions {
+            plain_http: vec![proxy.addr().to_owned()],
+            ..BerthdOptions::default()
+        },
+    )
+    .await?;
+    let secret = env.create_secret("proxy", proxy.addr(), &env.user).await?;
+    let mut big = vec![0u8; 8 << 20];
+    rand::rng().fill_bytes(&mut big);
+    let mut parent = LayerTar::default();
+    parent.file("big", Meta::mode(0o644), &big)?;
+    let mut child = LayerTar::default();
+    child.file("etc/child", Meta::mode(0o644), b"child\n")?;
+    let layers = [
+        Layer::new(&parent.finish()?, LayerFormat::OciGzip)?,
+        Layer::new(&child.finish()?, LayerFormat::OciGzip)?,
+    ];
+    let pushed = push_layers(
+        &env.ca,
+        env.registry.addr(),
+        "team/staged-corrupt",
+        "v1",
+        &env.pusher,
+        &layers,
+    )
+    .await?;
+    proxy.inject(
+        Target::Blob(layers[0].digest.clone()),
+        Fault::FlipByte(layers[0].blob.len() as u64 * 3 / 4),
+        Times::Always,
+    );
+    let reference = pushed.image.reference_via(proxy.addr());
+    let status = env
+        .start_container(start_request("order-staged", "staged", &reference, &secret))
+        .await?
+        .err()
+        .context("a corrupted layer started a container")?;
+    assert_eq!(
+        status.code(),
+        Code::DataLoss,
+        "{status:?}\n{}",
+        env.berthd.log_tail()
+    );
+    let log = env.berthd.log_text();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("applying the layer as it downloads")
+                && line.contains("staged=true")),
+        "the child layer was not staged:\n{}",
+        env.berthd.log_tail()
+    );
+    let images = env.containerd.ctr_ok(&["images", "ls", "-q"]).await?;
+    assert!(
+        !images.contains("team/staged-corrupt"),
+        "the image was recorded:\n{images}"
+    );
     let left = snapshots(&env).await?;
     assert!(left.is_empty(), "{left:?}");
     Ok(())
