@@ -58,6 +58,62 @@ async fn content_digests(env: &Env) -> anyhow::Result<String> {
     env.containerd.ctr_ok(&["content", "ls", "-q"]).await
 }
 
+/// An env whose berthd reaches the registry only through a fault proxy, and a secret for the
+/// proxy's address.
+async fn env_behind_proxy() -> anyhow::Result<(Env, FaultProxy, String)> {
+    let mut env = Env::start(RegistryKind::Htpasswd).await?;
+    let proxy = FaultProxy::start(&env.ca, env.registry.addr()).await?;
+    env.berthd = Berthd::start(
+        &env.containerd,
+        &env.ca,
+        &BerthdOptions {
+            plain_http: vec![proxy.addr().to_owned()],
+            ..BerthdOptions::default()
+        },
+    )
+    .await?;
+    let secret = env.create_secret("proxy", proxy.addr(), &env.user).await?;
+    Ok((env, proxy, secret))
+}
+
+/// Orders `reference` as `name`, which must fail with DATA_LOSS and leave no image of
+/// `repository` and no snapshot.
+async fn assert_data_loss_leaves_nothing(
+    env: &Env,
+    name: &str,
+    reference: &str,
+    secret: &str,
+    repository: &str,
+) -> anyhow::Result<()> {
+    let status = env
+        .start_container(start_request(
+            &format!("order-{name}"),
+            name,
+            reference,
+            secret,
+        ))
+        .await?
+        .err()
+        .context("a corrupted layer started a container")?;
+    assert_eq!(
+        status.code(),
+        Code::DataLoss,
+        "{status:?}\n{}",
+        env.berthd.log_tail()
+    );
+    let images = env.containerd.ctr_ok(&["images", "ls", "-q"]).await?;
+    assert!(
+        !images.contains(repository),
+        "the image was recorded:\n{images}"
+    );
+    // The failed layer's snapshot was removed at once, and berthd waited for containerd's GC
+    // to take what else only the pull's lease held: nothing is left when the error reaches
+    // the scheduler.
+    let left = snapshots(env).await?;
+    assert!(left.is_empty(), "{left:?}");
+    Ok(())
+}
+
 /// The snapshots of the test's namespace, one `KEY PARENT KIND` line each.
 async fn snapshots(env: &Env) -> anyhow::Result<Vec<String>> {
     Ok(env
@@ -202,18 +258,7 @@ async fn without_kept_layer_blobs_an_image_runs_is_pruned_and_pulled_again() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_corrupted_in_flight_is_data_loss_and_leaves_no_image_or_snapshot(
 ) -> anyhow::Result<()> {
-    let mut env = Env::start(RegistryKind::Htpasswd).await?;
-    let proxy = FaultProxy::start(&env.ca, env.registry.addr()).await?;
-    env.berthd = Berthd::start(
-        &env.containerd,
-        &env.ca,
-        &BerthdOptions {
-            plain_http: vec![proxy.addr().to_owned()],
-            ..BerthdOptions::default()
-        },
-    )
-    .await?;
-    let secret = env.create_secret("proxy", proxy.addr(), &env.user).await?;
+    let (env, proxy, secret) = env_behind_proxy().await?;
     let pushed = push(&env, "team/corrupted-layer").await?;
     let random = pushed.random_layer();
     // A byte in the middle of the random file's data: the tar still parses, the digest fails.
@@ -223,33 +268,8 @@ async fn a_layer_corrupted_in_flight_is_data_loss_and_leaves_no_image_or_snapsho
         Times::Always,
     );
     let reference = pushed.image.reference_via(proxy.addr());
-    let status = env
-        .start_container(start_request(
-            "order-corrupt",
-            "corrupt",
-            &reference,
-            &secret,
-        ))
-        .await?
-        .err()
-        .context("a corrupted layer started a container")?;
-    assert_eq!(
-        status.code(),
-        Code::DataLoss,
-        "{status:?}\n{}",
-        env.berthd.log_tail()
-    );
-    let images = env.containerd.ctr_ok(&["images", "ls", "-q"]).await?;
-    assert!(
-        !images.contains("team/corrupted-layer"),
-        "the image was recorded:\n{images}"
-    );
-    // The failed layer's snapshot was removed at once, and berthd waited for containerd's GC
-    // to take the committed layer below it, which only the pull's lease held: nothing is left
-    // when the error reaches the scheduler.
-    let left = snapshots(&env).await?;
-    assert!(left.is_empty(), "{left:?}");
-    Ok(())
+    assert_data_loss_leaves_nothing(&env, "corrupt", &reference, &secret, "team/corrupted-layer")
+        .await
 }
 
 /// The bottom layer (8 MiB) is corrupted in flight while the small layer above it is being
@@ -257,24 +277,13 @@ async fn a_layer_corrupted_in_flight_is_data_loss_and_leaves_no_image_or_snapsho
 /// snapshot nor anything else is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_parent_leaves_no_staged_child_behind() -> anyhow::Result<()> {
-    use rand::RngCore as _;
-
-    let mut env = Env::start(RegistryKind::Htpasswd).await?;
-    let proxy = FaultProxy::start(&env.ca, env.registry.addr()).await?;
-    env.berthd = Berthd::start(
-        &env.containerd,
-        &env.ca,
-        &BerthdOptions {
-            plain_http: vec![proxy.addr().to_owned()],
-            ..BerthdOptions::default()
-        },
-    )
-    .await?;
-    let secret = env.create_secret("proxy", proxy.addr(), &env.user).await?;
-    let mut big = vec![0u8; 8 << 20];
-    rand::rng().fill_bytes(&mut big);
+    let (env, proxy, secret) = env_behind_proxy().await?;
     let mut parent = LayerTar::default();
-    parent.file("big", Meta::mode(0o644), &big)?;
+    parent.file(
+        "big",
+        Meta::mode(0o644),
+        &crate::harness::random_bytes(8 << 20),
+    )?;
     let mut child = LayerTar::default();
     child.file("etc/child", Meta::mode(0o644), b"child\n")?;
     let layers = [
@@ -296,17 +305,8 @@ async fn a_corrupted_parent_leaves_no_staged_child_behind() -> anyhow::Result<()
         Times::Always,
     );
     let reference = pushed.image.reference_via(proxy.addr());
-    let status = env
-        .start_container(start_request("order-staged", "staged", &reference, &secret))
-        .await?
-        .err()
-        .context("a corrupted layer started a container")?;
-    assert_eq!(
-        status.code(),
-        Code::DataLoss,
-        "{status:?}\n{}",
-        env.berthd.log_tail()
-    );
+    assert_data_loss_leaves_nothing(&env, "staged", &reference, &secret, "team/staged-corrupt")
+        .await?;
     let log = env.berthd.log_text();
     assert!(
         log.lines()
@@ -315,13 +315,6 @@ async fn a_corrupted_parent_leaves_no_staged_child_behind() -> anyhow::Result<()
         "the child layer was not staged:\n{}",
         env.berthd.log_tail()
     );
-    let images = env.containerd.ctr_ok(&["images", "ls", "-q"]).await?;
-    assert!(
-        !images.contains("team/staged-corrupt"),
-        "the image was recorded:\n{images}"
-    );
-    let left = snapshots(&env).await?;
-    assert!(left.is_empty(), "{left:?}");
     Ok(())
 }
 

@@ -529,11 +529,8 @@ async fn the_layer_corpus_unpacks_as_containerd_unpacks_it() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_applied_ahead_of_its_parent_unpacks_as_containerd_unpacks_it() -> anyhow::Result<()>
 {
-    use rand::RngCore as _;
-
     let env = Env::start(RegistryKind::Htpasswd).await?;
-    let mut big = vec![0u8; 8 << 20];
-    rand::rng().fill_bytes(&mut big);
+    let big = crate::harness::random_bytes(8 << 20);
     let mut parent = LayerTar::default();
     parent
         .dir("etc", Meta::mode(0o751).owner(3, 4))?

@@ -91,6 +91,14 @@ pub fn random_lowercase(len: usize) -> String {
         .to_ascii_lowercase()
 }
 
+/// `len` random bytes: data no compressor shrinks.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    use rand::RngCore as _;
+    let mut data = vec![0_u8; len];
+    rand::rng().fill_bytes(&mut data);
+    data
+}
+
 /// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
 pub fn free_local_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;

@@ -35,6 +35,20 @@ struct StalledOrder {
 }
 
 impl StalledOrder {
+    /// The same order again (after berthd's restart): it must succeed.
+    async fn order_again(&self, fx: &FaultEnv) -> anyhow::Result<Container> {
+        fx.env
+            .start_container(self.request.clone())
+            .await?
+            .map_err(|status| {
+                anyhow::anyhow!(
+                    "the order after the restart: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
+                    fx.proxy.describe(),
+                    fx.env.berthd.log_tail()
+                )
+            })
+    }
+
     async fn start(
         fx: &FaultEnv,
         name: &str,
@@ -136,17 +150,7 @@ async fn berthd_killed_mid_pull_resumes_the_layer_after_a_restart() -> anyhow::R
     fx.env.berthd.restart().await?;
     let restarted_in = restarting.elapsed();
     let ordered = Instant::now();
-    let container = fx
-        .env
-        .start_container(order.request.clone())
-        .await?
-        .map_err(|status| {
-            anyhow::anyhow!(
-                "the order after the restart: {status:?}\nproxy saw:\n{}\nberthd log:\n{}",
-                fx.proxy.describe(),
-                fx.env.berthd.log_tail()
-            )
-        })?;
+    let container = order.order_again(&fx).await?;
     let order_took = ordered.elapsed();
     let exited = fx.env.wait_until_exited(&container.id).await?;
     assert_eq!(exited.exit_code, 0);
@@ -214,16 +218,7 @@ async fn berthd_killed_mid_pull_leaves_no_partial_blob_and_the_next_order_runs(
     fx.proxy.clear();
     fx.proxy.forget_requests();
     fx.env.berthd.restart().await?;
-    let container = fx
-        .env
-        .start_container(order.request.clone())
-        .await?
-        .map_err(|status| {
-            anyhow::anyhow!(
-                "the order after the restart: {status:?}\n{}",
-                fx.env.berthd.log_tail()
-            )
-        })?;
+    let container = order.order_again(&fx).await?;
     assert_eq!(fx.env.wait_until_exited(&container.id).await?.exit_code, 0);
     let gets = fx.proxy.blob_gets(&blob.digest);
     assert_eq!(gets.len(), 1, "{}", fx.proxy.describe());

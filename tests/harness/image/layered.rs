@@ -9,7 +9,6 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
-use rand::RngCore as _;
 use reqwest::header::HeaderValue;
 use serde_json::json;
 use std::io::Write as _;
@@ -101,8 +100,7 @@ fn unique_base_tar() -> anyhow::Result<Vec<u8>> {
 
 /// A tar holding `random.bin` of `len` random bytes, gzipped without compression.
 fn random_layer(len: usize) -> anyhow::Result<(Blob, String)> {
-    let mut data = vec![0_u8; len];
-    rand::rng().fill_bytes(&mut data);
+    let data = crate::harness::random_bytes(len);
     let mut builder = tar::Builder::new(Vec::new());
     let mut file = tar_header(tar::EntryType::Regular, 0o644, len);
     builder.append_data(&mut file, "random.bin", data.as_slice())?;

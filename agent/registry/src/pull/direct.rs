@@ -1,8 +1,8 @@
 //! berth's own apply of one layer while it downloads: the download (blob.rs, with its
 //! retries, Range resumes, stall clock and bandwidth limit) feeds a `Feeder`, which streams
 //! the bytes into `berth_unpack`'s applier, which writes the overlay upperdir and checks size
-//! and diff id; the download itself hashes the compressed bytes against the layer digest, on
-//! its own thread. Every layer applies as it downloads: into its extraction snapshot when its
+//! and diff id; the download itself hashes the compressed bytes against the layer digest,
+//! beside the applier's thread. Every layer applies as it downloads: into its extraction snapshot when its
 //! parent is committed, else into a staging snapshot of its own, whose directory is renamed
 //! into the extraction once the parent is committed (the directories the layer only implies
 //! then take their metadata from the lowers). A layer that fails leaves no snapshot behind.
@@ -121,11 +121,15 @@ impl<'a> Feeder<'a> {
         self.cx.image
     }
 
-    fn fatal_containerd(&self, source: berth_runtime::containerd::ContainerdError) -> Failure {
-        Failure::Fatal(PullError::Containerd {
+    fn containerd_error(&self, source: ContainerdError) -> PullError {
+        PullError::Containerd {
             image: self.image().to_string(),
             source,
-        })
+        }
+    }
+
+    fn fatal_containerd(&self, source: ContainerdError) -> Failure {
+        Failure::Fatal(self.containerd_error(source))
     }
 
     fn stopped(&mut self, stop: Stop) -> Failure {
@@ -236,44 +240,40 @@ impl<'a> Feeder<'a> {
         self.cx.ladder.wait_for_parent(self.job.index).await;
         let adopted = self.adopt(&snapshot, &applied.implied_dirs).await;
         match adopted {
-            Ok(Finished::Ready { extraction, .. }) => Ok(Finished::Ready {
+            // The emptied staging snapshot is removed after the commit, off its path.
+            Ok(extraction) => Ok(Finished::Ready {
                 extraction,
                 staging: Some(snapshot),
             }),
-            other => {
+            Err(finished) => {
                 containerd.discard_extraction(snapshot).await.ok();
-                other
+                finished
             }
         }
     }
 
     /// Prepares the layer's extraction on its committed parent and moves the staged layer
-    /// into it.
+    /// into it; or how the layer ends otherwise.
     async fn adopt(
         &self,
         staging: &Extraction,
         implied_dirs: &[std::path::PathBuf],
-    ) -> Result<Finished, PullError> {
+    ) -> Result<Extraction, Result<Finished, PullError>> {
         let containerd = &self.puller.containerd;
         let extraction = match containerd
             .prepare_extraction(self.cx.lease, self.job.chain_id, self.job.parent)
             .await
         {
             Ok(Prepared::Ready(extraction)) => extraction,
-            Ok(Prepared::Committed) => return Ok(Finished::Committed),
-            Err(source) => {
-                return Err(PullError::Containerd {
-                    image: self.image().to_string(),
-                    source,
-                })
-            }
+            Ok(Prepared::Committed) => return Err(Ok(Finished::Committed)),
+            Err(source) => return Err(Err(self.containerd_error(source))),
         };
         let dirs = match extraction.overlay_dirs() {
             Ok(dirs) => dirs,
             Err(reason) => {
                 containerd.discard_extraction(extraction).await.ok();
                 self.puller.layers.set_overlay_unusable();
-                return Ok(Finished::Fallback(reason));
+                return Err(Ok(Finished::Fallback(reason)));
             }
         };
         let moved = extraction.take_staged(staging).and_then(|()| {
@@ -286,15 +286,9 @@ impl<'a> Feeder<'a> {
         });
         if let Err(source) = moved {
             containerd.discard_extraction(extraction).await.ok();
-            return Err(PullError::Containerd {
-                image: self.image().to_string(),
-                source,
-            });
+            return Err(Err(self.containerd_error(source)));
         }
-        Ok(Finished::Ready {
-            extraction,
-            staging: None,
-        })
+        Ok(extraction)
     }
 
     /// The download failed: stops the applier and removes the snapshot. Returns the
